@@ -1,0 +1,325 @@
+"""The configuration schema: typed dataclasses registered in Hydra's ConfigStore.
+
+Owns: every key a user may set, its type and default, and value checks that types cannot
+express (positive step counts, known names). Hydra refuses misspelt keys, `+new.key`s the schema
+lacks and wrongly typed values; `to_typed_config` turns the composed `DictConfig` into these frozen
+dataclasses, raising `ConfigError` naming the key for anything out of range. Nothing else in the
+harness reads a raw `DictConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.nodes import BooleanNode
+
+from harness.errors import ConfigError
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"Config key '{key}' = {value!r} is invalid: expected {expected}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: any `_target_` callable taking (input_shape=..., num_classes=..., **fields) -> keras.Model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MLPConfig:
+    _target_: str = "models.mlp.build_mlp"
+    hidden: list[int] = field(default_factory=lambda: [128, 128])  # widths of the hidden layers
+    dropout: float = 0.0  # dropout rate after each hidden layer, in [0, 1)
+    activation: str = "relu"  # any keras activation name
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "models.cnn.build_cnn"
+    image_shape: list[int] = field(default_factory=lambda: [8, 8, 1])  # flat inputs reshaped to this
+    filters: list[int] = field(default_factory=lambda: [16, 32])  # one 3x3 conv block per entry
+    dense: int = 64  # width of the dense layer before the classifier
+    dropout: float = 0.0
+    activation: str = "relu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: in-memory example sources fed through the seekable pipeline of harness/data.py
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = MISSING  # which source in harness/data_sources.py
+    global_batch_size: int = 128  # examples per step summed over all replicas and workers
+    eval_batch_size: Optional[int] = None  # global; None = global_batch_size
+    prefetch: int = 2  # batches prepared ahead of the step; 0 disables prefetching
+    shuffle_seed: Optional[int] = None  # order of examples; None = the run's `seed`
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    name: str = "synthetic"
+    input_dim: int = 64  # features per example
+    num_classes: int = 10
+    num_examples: int = 16384  # train + eval
+    eval_examples: int = 2048  # the first ones form the fixed eval split
+    label_noise: float = 0.0  # fraction of labels replaced by random ones
+    generator_seed: int = 0  # fixes the data set itself, independent of the run's seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers and learning-rate schedules (positions follow optimizer.iterations, checkpointed)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  # constant | cosine
+    warmup_steps: int = 0  # linear warmup from 0 to learning_rate
+    decay_steps: Optional[int] = None  # cosine: steps after warmup; None = trainer.max_steps - warmup
+    final_fraction: float = 0.0  # cosine: final learning rate as a fraction of the peak
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    learning_rate: float = 1e-3  # peak learning rate
+    global_clipnorm: Optional[float] = None  # clip the global gradient norm; None = no clipping
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    name: str = "adam"
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 0.004
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    name: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-level groups
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StrategyConfig:
+    name: str = "default"  # default | mirrored | multi_worker | auto
+    cpu_replicas: Optional[int] = None  # mirrored on CPU: split the CPU into this many devices
+    devices: Optional[list[str]] = None  # mirrored: explicit device list; None = all local GPUs
+    communication: str = "auto"  # multi_worker collectives: auto | ring | nccl
+    peer_timeout_seconds: int = 60  # multi_worker: a dead peer fails the job after this long
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # the run ends (and writes a final checkpoint) at this global step
+    steps_per_loop: int = 50  # steps inside one tf.function call; signals are seen between calls
+    log_every: int = 50  # steps between train-metric summaries and progress lines
+    eval_every: int = 250  # steps between evaluations on the eval split; 0 = only at the end
+    progress: str = "auto"  # auto (bar on a TTY, log lines otherwise) | bar | log | none
+    jit_compile: bool = False  # XLA-compile the training loop
+    mixed_precision: Optional[str] = None  # None | mixed_float16 | mixed_bfloat16
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run_dir}/checkpoints"  # any path tf.io.gfile supports (local, gs://, hdfs://)
+    every_steps: int = 200  # steps between checkpoints; a final one is always written
+    max_to_keep: int = 3  # newest checkpoints kept; >= 2 leaves a fallback if one is corrupted
+    keep_every_hours: Optional[float] = None  # additionally keep one checkpoint per this period
+    # `async` (bool, default false) is added in `_schema_node`: it is a Python keyword.
+
+
+@dataclass
+class PreemptionConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    exit_code: int = 42  # exit status after a preemption save; schedulers match it to requeue
+
+
+@dataclass
+class Config:
+    experiment: str = "default"  # names the run directory
+    run_dir: str = "outputs/${experiment}${harness_job_suffix:}"  # stable across restarts
+    seed: int = 0  # model init, dropout and data order all derive from it
+    deterministic: bool = False  # bitwise-reproducible ops (slower on some devices)
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+
+
+SCHEMAS_BY_GROUP: dict[str, dict[str, type]] = {
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig},
+    "data": {"synthetic": SyntheticDataConfig},
+    "optimizer": {"adam": AdamConfig, "adamw": AdamWConfig, "sgd": SGDConfig},
+}
+
+
+def _schema_node() -> DictConfig:
+    """The top-level schema as a DictConfig, with keys dataclasses cannot declare."""
+    node = OmegaConf.structured(Config)
+    with open_dict(node.checkpoint):
+        node.checkpoint["async"] = BooleanNode(False)  # save in the background
+    return node
+
+
+def _job_suffix() -> str:
+    """Resolver for `run_dir`: '' in a single run, '/<overrides>' for each job of a multirun.
+
+    Each multirun job needs its own stable run directory; the override string is deterministic,
+    so rerunning the same sweep command resumes every job from its own checkpoints.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return ""
+    overrides = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
+    return "/" + re.sub(r"[^A-Za-z0-9_.,=+-]", "_", overrides)
+
+
+def register_configs() -> None:
+    """Register the schema and resolvers with Hydra. Idempotent; call before composing."""
+    from hydra.core.config_store import ConfigStore
+
+    if not OmegaConf.has_resolver("harness_job_suffix"):
+        OmegaConf.register_new_resolver("harness_job_suffix", _job_suffix)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=_schema_node())
+    for group, schemas in SCHEMAS_BY_GROUP.items():
+        for name, schema in schemas.items():
+            store.store(group=group, name=f"{name}_schema", node=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed view for the rest of the harness
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated configuration the harness runs on (built by `to_typed_config`)."""
+
+    experiment: str
+    run_dir: str
+    seed: int
+    deterministic: bool
+    model: dict[str, Any]  # `_target_` plus the builder's keyword arguments
+    data: DataConfig
+    optimizer: OptimizerConfig
+    strategy: StrategyConfig
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    checkpoint_async: bool
+    preemption: PreemptionConfig
+    resolved: dict[str, Any]  # the whole resolved config, for the record in run_dir and hparams
+
+
+def to_typed_config(cfg: DictConfig) -> RunConfig:
+    """Resolve and validate a composed config. Raises `ConfigError` naming the offending key."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as error:  # omegaconf raises several types, all naming the key
+        raise ConfigError(f"The configuration does not resolve: {error}") from None
+    assert isinstance(resolved, dict)
+    checkpoint_values = dict(resolved["checkpoint"])
+    checkpoint_async = bool(checkpoint_values.pop("async", False))
+    run = RunConfig(
+        experiment=resolved["experiment"],
+        run_dir=resolved["run_dir"],
+        seed=resolved["seed"],
+        deterministic=resolved["deterministic"],
+        model=dict(resolved["model"]),
+        data=_from_dict(_group_schema("data", resolved), resolved["data"]),
+        optimizer=_from_dict(_group_schema("optimizer", resolved), resolved["optimizer"]),
+        strategy=_from_dict(StrategyConfig, resolved["strategy"]),
+        trainer=_from_dict(TrainerConfig, resolved["trainer"]),
+        checkpoint=_from_dict(CheckpointConfig, checkpoint_values),
+        checkpoint_async=checkpoint_async,
+        preemption=_from_dict(PreemptionConfig, resolved["preemption"]),
+        resolved=resolved,
+    )
+    validate(run)
+    return run
+
+
+def _group_schema(group: str, resolved: dict[str, Any]) -> type:
+    name = resolved[group].get("name")
+    _require(name in SCHEMAS_BY_GROUP[group], f"{group}.name", name, f"one of {sorted(SCHEMAS_BY_GROUP[group])}")
+    return SCHEMAS_BY_GROUP[group][name]
+
+
+def _from_dict(schema: type, values: dict[str, Any]) -> Any:
+    """Build a dataclass (nested ones included) from values OmegaConf has already type-checked."""
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        if f.name in values:
+            value = values[f.name]
+            if dataclasses.is_dataclass(f.default_factory) and isinstance(value, dict):
+                value = _from_dict(f.default_factory, value)
+            kwargs[f.name] = value
+    return schema(**kwargs)
+
+
+def validate(run: RunConfig) -> None:
+    """Range and consistency checks that types cannot express."""
+    _require("_target_" in run.model, "model._target_", None, "a model builder such as models.mlp.build_mlp")
+    t = run.trainer
+    _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "a positive number of steps")
+    _require(t.steps_per_loop > 0, "trainer.steps_per_loop", t.steps_per_loop, "a positive integer")
+    _require(t.log_every > 0, "trainer.log_every", t.log_every, "a positive integer")
+    _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "0 (only at the end) or a positive integer")
+    _require(t.progress in ("auto", "bar", "log", "none"), "trainer.progress", t.progress,
+             "one of auto, bar, log, none")
+    _require(t.mixed_precision in (None, "mixed_float16", "mixed_bfloat16"), "trainer.mixed_precision",
+             t.mixed_precision, "null, mixed_float16 or mixed_bfloat16")
+    c = run.checkpoint
+    _require(bool(c.dir), "checkpoint.dir", c.dir, "a directory path")
+    _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive number of steps")
+    _require(c.max_to_keep >= 1, "checkpoint.max_to_keep", c.max_to_keep, "at least 1 (2 or more recommended)")
+    _require(c.keep_every_hours is None or c.keep_every_hours > 0, "checkpoint.keep_every_hours",
+             c.keep_every_hours, "null or a positive number of hours")
+    d = run.data
+    _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "a positive integer")
+    _require(d.eval_batch_size is None or d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size,
+             "null or a positive integer")
+    _require(d.prefetch >= 0, "data.prefetch", d.prefetch, "0 or a positive number of batches")
+    o = run.optimizer
+    _require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a positive number")
+    _require(o.global_clipnorm is None or o.global_clipnorm > 0, "optimizer.global_clipnorm",
+             o.global_clipnorm, "null or a positive number")
+    s = o.schedule
+    _require(s.name in ("constant", "cosine"), "optimizer.schedule.name", s.name, "constant or cosine")
+    _require(s.warmup_steps >= 0, "optimizer.schedule.warmup_steps", s.warmup_steps, "0 or more steps")
+    _require(s.decay_steps is None or s.decay_steps > 0, "optimizer.schedule.decay_steps", s.decay_steps,
+             "null or a positive number of steps")
+    _require(0.0 <= s.final_fraction <= 1.0, "optimizer.schedule.final_fraction", s.final_fraction,
+             "a fraction in [0, 1]")
+    st = run.strategy
+    _require(st.name in ("default", "mirrored", "multi_worker", "auto"), "strategy.name", st.name,
+             "one of default, mirrored, multi_worker, auto")
+    _require(st.cpu_replicas is None or st.cpu_replicas >= 1, "strategy.cpu_replicas", st.cpu_replicas,
+             "null or a positive integer")
+    _require(st.communication in ("auto", "ring", "nccl"), "strategy.communication", st.communication,
+             "one of auto, ring, nccl")
+    _require(st.peer_timeout_seconds > 0, "strategy.peer_timeout_seconds", st.peer_timeout_seconds,
+             "a positive number of seconds")
+    p = run.preemption
+    _require(1 <= p.exit_code <= 255 and p.exit_code not in (1, 2), "preemption.exit_code", p.exit_code,
+             "an exit status in 3..255 (0, 1 and 2 mean success, crash and config error)")

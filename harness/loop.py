@@ -1,0 +1,113 @@
+"""The inner loop: `steps_per_loop` training steps in one `tf.function` call, pure TensorFlow.
+
+Owns: the loss (summed per example, divided by the *global* batch size so that the all-reduced
+gradient equals the single-device gradient for any replica count), the gradient step under
+`strategy.run`, and metric accumulators that the outer loop reads and resets. No Python side
+effects happen here: logging, checkpoints and signals belong to `harness/controller.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from harness.data import Batch
+from harness.state import TrainState, reseed_random_layers
+
+
+class Accumulators:
+    """Per-replica sums (loss, correct predictions, examples) that reduce on read."""
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        with strategy.scope():
+            self.loss = self._variable("loss_sum")
+            self.correct = self._variable("correct_sum")
+            self.examples = self._variable("example_count")
+
+    @staticmethod
+    def _variable(name: str) -> tf.Variable:
+        return tf.Variable(0.0, trainable=False, name=name, synchronization=tf.VariableSynchronization.ON_READ,
+                           aggregation=tf.VariableAggregation.SUM, dtype=tf.float32)
+
+    def add(self, *, loss: tf.Tensor, correct: tf.Tensor, examples: tf.Tensor) -> None:
+        self.loss.assign_add(loss)
+        self.correct.assign_add(correct)
+        self.examples.assign_add(examples)
+
+    def read_and_reset(self) -> dict[str, float]:
+        values = {"loss": float(self.loss.numpy()), "correct": float(self.correct.numpy()),
+                  "examples": float(self.examples.numpy())}
+        for variable in (self.loss, self.correct, self.examples):
+            variable.assign(0.0)
+        return values
+
+
+def _example_losses(model: keras.Model, batch: Batch, *, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    logits = tf.cast(model(batch.features, training=training), tf.float32)
+    losses = keras.losses.sparse_categorical_crossentropy(batch.labels, logits, from_logits=True)
+    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), batch.labels), tf.float32)
+    return losses * batch.weights, correct * batch.weights
+
+
+def make_train_loop(
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    accumulators: Accumulators,
+    *,
+    global_batch_size: int,
+    seed: int,
+    jit_compile: bool = False,
+) -> Callable[[Any, tf.Tensor], None]:
+    """Return `train_loop(iterator, num_steps)` running `num_steps` steps (a scalar int tensor)."""
+
+    def replica_step(batch: Batch) -> None:
+        reseed_random_layers(state, seed=seed, step=state.step)
+        with tf.GradientTape() as tape:
+            example_losses, correct = _example_losses(state.model, batch, training=True)
+            loss = tf.reduce_sum(example_losses) / global_batch_size
+            if state.model.losses:  # regularisers: counted once across replicas
+                loss += tf.nn.scale_regularization_loss(tf.add_n(state.model.losses))
+            scaled_loss = state.optimizer.scale_loss(loss)  # loss scaling under mixed precision
+        gradients = tape.gradient(scaled_loss, state.model.trainable_variables)
+        state.optimizer.apply_gradients(zip(gradients, state.model.trainable_variables))
+        state.step.assign_add(1)
+        accumulators.add(loss=loss, correct=tf.reduce_sum(correct), examples=tf.reduce_sum(batch.weights))
+
+    def train_loop(iterator: Any, num_steps: tf.Tensor) -> None:
+        for _ in tf.range(num_steps):
+            strategy.run(replica_step, args=(next(iterator),))
+
+    # XLA needs the step itself compiled; the loop around it stays a plain tf.function.
+    if jit_compile:
+        compiled_step = tf.function(replica_step, jit_compile=True)
+
+        def train_loop(iterator: Any, num_steps: tf.Tensor) -> None:  # noqa: F811
+            for _ in tf.range(num_steps):
+                strategy.run(compiled_step, args=(next(iterator),))
+
+    return tf.function(train_loop)
+
+
+def make_eval_loop(
+    strategy: tf.distribute.Strategy,
+    state: TrainState,
+    accumulators: Accumulators,
+    *,
+    eval_batch_size: int,
+) -> Callable[[Any], None]:
+    """Return `eval_loop(distributed_dataset)` accumulating eval loss and accuracy sums."""
+
+    def replica_step(batch: Batch) -> None:
+        example_losses, correct = _example_losses(state.model, batch, training=False)
+        accumulators.add(loss=tf.reduce_sum(example_losses), correct=tf.reduce_sum(correct),
+                         examples=tf.reduce_sum(batch.weights))
+
+    @tf.function
+    def eval_loop(dataset: Any) -> None:
+        for batch in dataset:
+            strategy.run(replica_step, args=(batch,))
+
+    return eval_loop

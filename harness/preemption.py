@@ -1,0 +1,94 @@
+"""Graceful preemption: turn stop signals into "save at the step reached, then exit".
+
+Owns: the signal handlers for `preemption.signals` and, across workers, agreeing on the step to
+stop at. Guarantees:
+- A handled signal only sets a flag; the training step in flight finishes. The outer loop checks
+  the flag between inner loops (at most `trainer.steps_per_loop` steps later), saves a checkpoint
+  at exactly the step reached and exits with `preemption.exit_code`: no step is lost.
+- Further signals while stopping are reported and ignored, so a scheduler that repeats SIGTERM
+  cannot interrupt the save. (SIGKILL cannot be handled; the checkpoint write protocol in
+  `harness/checkpointing.py` makes that safe too.)
+- With several workers, each one's flag is all-reduced after every inner loop, so every worker
+  sees the same decision at the same step and they all save that step together. This is the
+  same agreement `tf.distribute.experimental.PreemptionCheckpointHandler` reaches through the
+  coordination service, but for any signal and with our own exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType, TracebackType
+
+import tensorflow as tf
+
+from harness.errors import ConfigError
+
+
+def parse_signals(names: list[str]) -> list[signal.Signals]:
+    """Signal names ('SIGTERM', 'USR1', ...) to signals; `ConfigError` names an unknown one."""
+    parsed = []
+    for name in names:
+        canonical = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+        if canonical in ("SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, canonical):
+            raise ConfigError(
+                f"Config key 'preemption.signals' contains {name!r}: expected catchable signal names "
+                "such as SIGTERM, SIGINT, SIGUSR1 (SIGKILL and SIGSTOP cannot be handled)."
+            )
+        parsed.append(signal.Signals[canonical])
+    return parsed
+
+
+class PreemptionWatcher:
+    """Context manager installing the stop-signal handlers; `requested` tells if one arrived."""
+
+    def __init__(self, signal_names: list[str], *, exit_code: int) -> None:
+        self._signals = parse_signals(signal_names)
+        self.exit_code = exit_code
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> PreemptionWatcher:
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            message = (f"received {name}: finishing the current steps, saving a checkpoint, then exiting with "
+                       f"code {self.exit_code}\n")
+        else:
+            message = f"received {name} again: still saving the checkpoint, please wait\n"
+        os.write(2, message.encode())  # async-signal-safe, unlike logging
+
+
+class StopAgreement:
+    """Makes all workers take the same stop decision at the same step (identity on one worker)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        self._strategy = strategy
+        self._multi_worker = getattr(strategy.extended, "_num_workers", 1) > 1  # checked on TF 2.21
+        if self._multi_worker:
+            self._any = tf.function(self._reduce_any)
+
+    def _reduce_any(self, flag: tf.Tensor) -> tf.Tensor:
+        per_replica = self._strategy.run(lambda: tf.identity(flag))
+        return self._strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def should_stop(self, local_request: bool) -> bool:
+        """True if this or any other worker was asked to stop. A collective call on several workers."""
+        if not self._multi_worker:
+            return local_request
+        return bool(self._any(tf.constant(1.0 if local_request else 0.0)).numpy() > 0)
