@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import tensorflow as tf
 
+from harness.config import CheckpointConfig
 from harness.errors import CheckpointError
 from harness.state import TrainState
 
@@ -95,6 +96,12 @@ class Checkpointer:
         self._manager: tf.train.CheckpointManager | None = None
         self._manager_settings = {"max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_every_hours}
 
+    @classmethod
+    def from_config(cls, state: TrainState, config: CheckpointConfig, *, async_save: bool,
+                    is_chief: bool) -> Checkpointer:
+        return cls(state, directory=config.dir, max_to_keep=config.max_to_keep,
+                   keep_every_hours=config.keep_every_hours, async_save=async_save, is_chief=is_chief)
+
     # -- restore -----------------------------------------------------------------------------------
     def restore_latest(self) -> RestoreResult:
         """Restore the newest intact checkpoint of `directory`, or leave the state fresh if none exist.
@@ -105,7 +112,8 @@ class Checkpointer:
         try:
             candidates = list_checkpoints(self.directory)
         except tf.errors.OpError as error:
-            raise CheckpointError(f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
+            raise CheckpointError(
+                f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
         skipped: list[str] = []
         for step, path in candidates:
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.nodes import BooleanNode
@@ -53,9 +53,9 @@ class CNNConfig:
 class DataConfig:
     name: str = MISSING  # which source in harness/data_sources.py
     global_batch_size: int = 128  # examples per step summed over all replicas and workers
-    eval_batch_size: Optional[int] = None  # global; None = global_batch_size
+    eval_batch_size: int | None = None  # global; None = global_batch_size
     prefetch: int = 2  # batches prepared ahead of the step; 0 disables prefetching
-    shuffle_seed: Optional[int] = None  # order of examples; None = the run's `seed`
+    shuffle_seed: int | None = None  # order of examples; None = the run's `seed`
 
 
 @dataclass
@@ -76,7 +76,7 @@ class SyntheticDataConfig(DataConfig):
 class ScheduleConfig:
     name: str = "constant"  # constant | cosine
     warmup_steps: int = 0  # linear warmup from 0 to learning_rate
-    decay_steps: Optional[int] = None  # cosine: steps after warmup; None = trainer.max_steps - warmup
+    decay_steps: int | None = None  # cosine: steps after warmup; None = trainer.max_steps - warmup
     final_fraction: float = 0.0  # cosine: final learning rate as a fraction of the peak
 
 
@@ -84,7 +84,7 @@ class ScheduleConfig:
 class OptimizerConfig:
     name: str = MISSING
     learning_rate: float = 1e-3  # peak learning rate
-    global_clipnorm: Optional[float] = None  # clip the global gradient norm; None = no clipping
+    global_clipnorm: float | None = None  # clip the global gradient norm; None = no clipping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -116,8 +116,8 @@ class SGDConfig(OptimizerConfig):
 @dataclass
 class StrategyConfig:
     name: str = "default"  # default | mirrored | multi_worker | auto
-    cpu_replicas: Optional[int] = None  # mirrored on CPU: split the CPU into this many devices
-    devices: Optional[list[str]] = None  # mirrored: explicit device list; None = all local GPUs
+    cpu_replicas: int | None = None  # mirrored on CPU: split the CPU into this many devices
+    devices: list[str] | None = None  # mirrored: explicit device list; None = all local GPUs
     communication: str = "auto"  # multi_worker collectives: auto | ring | nccl
     peer_timeout_seconds: int = 60  # multi_worker: a dead peer fails the job after this long
 
@@ -130,7 +130,7 @@ class TrainerConfig:
     eval_every: int = 250  # steps between evaluations on the eval split; 0 = only at the end
     progress: str = "auto"  # auto (bar on a TTY, log lines otherwise) | bar | log | none
     jit_compile: bool = False  # XLA-compile the training loop
-    mixed_precision: Optional[str] = None  # None | mixed_float16 | mixed_bfloat16
+    mixed_precision: str | None = None  # None | mixed_float16 | mixed_bfloat16
 
 
 @dataclass
@@ -138,7 +138,7 @@ class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"  # any path tf.io.gfile supports (local, gs://, hdfs://)
     every_steps: int = 200  # steps between checkpoints; a final one is always written
     max_to_keep: int = 3  # newest checkpoints kept; >= 2 leaves a fallback if one is corrupted
-    keep_every_hours: Optional[float] = None  # additionally keep one checkpoint per this period
+    keep_every_hours: float | None = None  # additionally keep one checkpoint per this period
     # `async` (bool, default false) is added in `_schema_node`: it is a Python keyword.
 
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import tensorflow as tf
 
 from harness.checkpointing import Checkpointer
 from harness.config import TrainerConfig
 from harness.data import SeekableInput
-from harness.loop import Accumulators
+from harness.loop import EvalLoop, TrainLoop
 from harness.optimization import current_learning_rate
 from harness.preemption import PreemptionWatcher, StopAgreement
 from harness.progress import Progress
@@ -56,10 +54,8 @@ class Controller:
     strategy: tf.distribute.Strategy
     state: TrainState
     pipeline: SeekableInput
-    train_loop: Callable[[Any, tf.Tensor], None]
-    eval_loop: Callable[[Any], None]
-    train_metrics: Accumulators
-    eval_metrics: Accumulators
+    train_loop: TrainLoop
+    eval_loop: EvalLoop
     checkpointer: Checkpointer
     checkpoint_every: int
     summaries: Summaries
@@ -111,7 +107,7 @@ class Controller:
         return step == self.trainer.max_steps or bool(self.trainer.eval_every and step % self.trainer.eval_every == 0)
 
     def _log_train(self, step: int, *, steps: int, seconds: float) -> dict[str, float]:
-        sums = self.train_metrics.read_and_reset()  # reading syncs with the device
+        sums = self.train_loop.metrics.read_and_reset()  # reading syncs with the device
         steps_per_second = steps / seconds if seconds > 0 else 0.0
         metrics = {
             "loss": sums["loss"] / max(steps, 1),
@@ -123,14 +119,15 @@ class Controller:
             "train/learning_rate": metrics["learning_rate"], "perf/steps_per_second": steps_per_second,
             "perf/examples_per_second": steps_per_second * self.pipeline.global_batch_size,
         })
-        self.progress.report(step, {"loss": metrics["loss"], "acc": metrics["accuracy"], "lr": metrics["learning_rate"]})
+        self.progress.report(step, {"loss": metrics["loss"], "acc": metrics["accuracy"],
+                                    "lr": metrics["learning_rate"]})
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Loss and accuracy over the whole eval split at the current weights."""
         started = time.perf_counter()
         self.eval_loop(self.pipeline.distributed_eval_dataset(self.strategy))
-        sums = self.eval_metrics.read_and_reset()
+        sums = self.eval_loop.metrics.read_and_reset()
         results = {"eval_loss": sums["loss"] / sums["examples"], "eval_accuracy": sums["correct"] / sums["examples"]}
         self.summaries.scalars(step, {"eval/loss": results["eval_loss"], "eval/accuracy": results["eval_accuracy"]})
         self.progress.message(f"eval at step {step}: loss {results['eval_loss']:.4f}, accuracy "

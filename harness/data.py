@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from harness.config import DataConfig
 from harness.data_sources import ExampleArrays
 from harness.errors import ConfigError
 
@@ -129,3 +130,15 @@ class SeekableInput:
             return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
         return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def build_input(examples: ExampleArrays, config: DataConfig, *, seed: int, num_replicas: int) -> SeekableInput:
+    """The pipeline for `data.*` settings; the shuffle follows the run's `seed` unless set."""
+    return SeekableInput(
+        examples,
+        global_batch_size=config.global_batch_size,
+        eval_batch_size=config.eval_batch_size or config.global_batch_size,
+        shuffle_seed=seed if config.shuffle_seed is None else config.shuffle_seed,
+        prefetch=config.prefetch,
+        num_replicas=num_replicas,
+    )

@@ -47,7 +47,8 @@ def synthetic(config: SyntheticDataConfig) -> ExampleArrays:
             f"data.eval_examples = {config.eval_examples}: expected num_examples > eval_examples."
         )
     if not 0.0 <= config.label_noise < 1.0:
-        raise DataError(f"Config key 'data.label_noise' = {config.label_noise} is invalid: expected a fraction in [0, 1).")
+        raise DataError(f"Config key 'data.label_noise' = {config.label_noise} is invalid: "
+                        "expected a fraction in [0, 1).")
     rng = np.random.default_rng(config.generator_seed)
     features = rng.standard_normal((config.num_examples, config.input_dim), dtype=np.float32)
     hidden_width = 32

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from harness.data import Batch
+from harness.data import Batch, SeekableInput
 from harness.state import TrainState, reseed_random_layers
 
 
@@ -76,17 +76,12 @@ def make_train_loop(
         state.step.assign_add(1)
         accumulators.add(loss=loss, correct=tf.reduce_sum(correct), examples=tf.reduce_sum(batch.weights))
 
+    # XLA compiles the step itself; the loop around it (iterator, tf.range) stays a plain tf.function.
+    step_fn = tf.function(replica_step, jit_compile=True) if jit_compile else replica_step
+
     def train_loop(iterator: Any, num_steps: tf.Tensor) -> None:
         for _ in tf.range(num_steps):
-            strategy.run(replica_step, args=(next(iterator),))
-
-    # XLA needs the step itself compiled; the loop around it stays a plain tf.function.
-    if jit_compile:
-        compiled_step = tf.function(replica_step, jit_compile=True)
-
-        def train_loop(iterator: Any, num_steps: tf.Tensor) -> None:  # noqa: F811
-            for _ in tf.range(num_steps):
-                strategy.run(compiled_step, args=(next(iterator),))
+            strategy.run(step_fn, args=(next(iterator),))
 
     return tf.function(train_loop)
 
@@ -111,3 +106,35 @@ def make_eval_loop(
             strategy.run(replica_step, args=(batch,))
 
     return eval_loop
+
+
+class TrainLoop:
+    """The compiled train loop plus the metric sums it accumulates (read by the controller)."""
+
+    def __init__(self, run: Callable[[Any, tf.Tensor], None], metrics: Accumulators) -> None:
+        self.run = run
+        self.metrics = metrics
+
+    def __call__(self, iterator: Any, num_steps: tf.Tensor) -> None:
+        self.run(iterator, num_steps)
+
+
+class EvalLoop:
+    """The compiled eval loop plus its metric sums."""
+
+    def __init__(self, run: Callable[[Any], None], metrics: Accumulators) -> None:
+        self.run = run
+        self.metrics = metrics
+
+    def __call__(self, dataset: Any) -> None:
+        self.run(dataset)
+
+
+def build_loops(strategy: tf.distribute.Strategy, state: TrainState, pipeline: SeekableInput, *, seed: int,
+                jit_compile: bool) -> tuple[TrainLoop, EvalLoop]:
+    """The train and eval loops for a state and input pipeline, each with its own accumulators."""
+    train_metrics, eval_metrics = Accumulators(strategy), Accumulators(strategy)
+    train = make_train_loop(strategy, state, train_metrics, global_batch_size=pipeline.global_batch_size,
+                            seed=seed, jit_compile=jit_compile)
+    evaluate = make_eval_loop(strategy, state, eval_metrics, eval_batch_size=pipeline.eval_batch_size)
+    return TrainLoop(train, train_metrics), EvalLoop(evaluate, eval_metrics)

@@ -33,7 +33,8 @@ def resolve_builder(target: str) -> Callable[..., keras.Model]:
     return builder
 
 
-def build_model(model_config: dict[str, Any], *, input_shape: Sequence[int], num_classes: int, seed: int) -> keras.Model:
+def build_model(model_config: dict[str, Any], *, input_shape: Sequence[int], num_classes: int,
+                seed: int) -> keras.Model:
     """Call the builder with the config's fields; build the model's variables. Call in `strategy.scope()`."""
     arguments = {k: v for k, v in model_config.items() if k != "_target_"}
     builder = resolve_builder(model_config["_target_"])
@@ -41,8 +42,9 @@ def build_model(model_config: dict[str, Any], *, input_shape: Sequence[int], num
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     unknown = sorted(k for k in arguments if k not in parameters and not accepts_any)
     if unknown:
+        accepted = sorted(p for p in parameters if p not in ("input_shape", "num_classes", "seed"))
         raise ConfigError(f"Config key 'model.{unknown[0]}' is not an argument of {model_config['_target_']} "
-                          f"(it takes {sorted(p for p in parameters if p not in ('input_shape', 'num_classes', 'seed'))}).")
+                          f"(it takes {accepted}).")
     if "seed" in parameters or accepts_any:
         arguments["seed"] = seed
     model = builder(input_shape=tuple(input_shape), num_classes=num_classes, **arguments)

@@ -11,8 +11,10 @@ import keras
 
 from harness.config import AdamConfig, AdamWConfig, OptimizerConfig, ScheduleConfig, SGDConfig
 
+LearningRate = float | keras.optimizers.schedules.LearningRateSchedule
 
-def build_learning_rate(config: OptimizerConfig, *, max_steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+
+def build_learning_rate(config: OptimizerConfig, *, max_steps: int) -> LearningRate:
     """A constant or a cosine schedule, either with an optional linear warmup from 0."""
     schedule: ScheduleConfig = config.schedule
     if schedule.name == "constant" and schedule.warmup_steps == 0:

@@ -60,7 +60,8 @@ class Progress:
         """A line that must not garble the bar."""
         if self._bar is not None:
             self._bar.write(text, file=sys.stdout)
-        log.info(text) if self._bar is None else logging.getLogger("harness").debug(text)
+        else:
+            log.info(text)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 def configure_runtime(*, seed: int, deterministic: bool, mixed_precision: str | None) -> None:
     """Seed Python, NumPy, TF and Keras; optionally make ops deterministic; set the dtype policy."""
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TF's per-save INFO chatter
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny config that trains in seconds, and helpers to run train.py for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_PY = PROJECT_ROOT / "train.py"
+
+# Small enough for seconds per run, big enough to cross several log/eval/checkpoint boundaries.
+TINY = (
+    "data.num_examples=2304",
+    "data.eval_examples=256",
+    "data.global_batch_size=64",
+    "model.hidden=[32]",
+    "trainer.max_steps=60",
+    "trainer.steps_per_loop=10",
+    "trainer.log_every=10",
+    "trainer.eval_every=30",
+    "checkpoint.every_steps=20",
+)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: quiet TF, unbuffered output, no inherited cluster."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG",) and not k.startswith("SLURM_")}
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"})
+    env.update(extra)
+    return env
+
+
+def train_command(run_dir: Path, *overrides: str, tiny: bool = True) -> list[str]:
+    return [sys.executable, str(TRAIN_PY), f"run_dir={run_dir}", *(TINY if tiny else ()), *overrides]
+
+
+def run_train(run_dir: Path, *overrides: str, tiny: bool = True, timeout: float = 240,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run train.py to completion and return its result (stdout and stderr captured as text)."""
+    return subprocess.run(train_command(run_dir, *overrides, tiny=tiny), cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env or subprocess_env())
+
+
+def compose(*overrides: str, tiny: bool = True):
+    """The composed DictConfig train.py would get, via Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*(TINY if tiny else ()), *overrides])
+
+
+def checkpoint_values(path: str | Path) -> dict[str, object]:
+    """Every variable of a checkpoint as numpy, read with TensorFlow's own reader."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(path))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
+
+
+def assert_ok(result: subprocess.CompletedProcess[str], code: int = 0) -> None:
+    assert result.returncode == code, (
+        f"exit {result.returncode} (expected {code})\n--- stdout ---\n{result.stdout[-4000:]}\n"
+        f"--- stderr ---\n{result.stderr[-4000:]}")
