@@ -17,26 +17,11 @@ from harness.config import register_configs
 
 def train(cfg: DictConfig):
     """The whole run for a composed config; returns the controller's `Outcome`."""
-    # Imported here so that `--help` and config errors do not pay for importing TensorFlow.
-    from harness import (
-        checkpointing,
-        config,
-        controller,
-        data,
-        data_sources,
-        loop,
-        modeling,
-        optimization,
-        preemption,
-        progress,
-        run_dir,
-        runtime,
-        state,
-        strategy,
-        summaries,
-    )
+    from harness.config import to_typed_config
 
-    run = config.to_typed_config(cfg)
+    run = to_typed_config(cfg)  # config errors surface before TensorFlow is imported
+    from harness import checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
+    from harness import preemption, progress, run_dir, runtime, state, strategy, summaries
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
 from harness.config import CheckpointConfig
 from harness.errors import CheckpointError
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "ckpt"
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _BOOKKEEPING_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter" + _SUFFIX)
+# What reading a damaged checkpoint raises in TF 2.21: OpErrors (DataLoss, NotFound, OutOfRange), an
+# IndexError for a short read of the object graph, a DecodeError for a garbled object graph.
+_READ_ERRORS = (tf.errors.OpError, IndexError, DecodeError)
 _STEP_PATTERN = re.compile(rf"{CHECKPOINT_NAME}-(\d+)\.index$")
 
 
@@ -118,7 +122,7 @@ class Checkpointer:
         for step, path in candidates:
             try:
                 saved_shapes = variable_shapes(path)
-            except (tf.errors.OpError, ValueError) as error:
+            except (*_READ_ERRORS, ValueError) as error:
                 skipped.append(path)
                 log.warning("checkpoint %s is unreadable (%s); trying an older one", _name(path), _short(error))
                 continue
@@ -126,7 +130,7 @@ class Checkpointer:
             try:
                 status = self._checkpoint.read(path)
                 status.assert_consumed()
-            except tf.errors.OpError as error:  # data file truncated or corrupted (checksum)
+            except _READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
                 skipped.append(path)
                 log.warning("checkpoint %s is corrupted (%s); trying an older one", _name(path), _short(error))
                 continue
@@ -140,6 +144,7 @@ class Checkpointer:
             if skipped:
                 log.warning("resumed from %s after skipping unreadable %s", _name(path),
                             ", ".join(_name(p) for p in skipped))
+            log.info("resuming from checkpoint %s at step %d", path, restored_step)
             return RestoreResult(step=restored_step, path=path, skipped=skipped)
         if candidates:
             raise CheckpointError(
@@ -147,6 +152,7 @@ class Checkpointer:
                 f"({', '.join(_name(p) for _, p in candidates)}). Refusing to start over, which would overwrite "
                 "them: move the directory aside to start a fresh run, or point checkpoint.dir at intact copies."
             )
+        log.info("no checkpoint in %s: starting from step 0", self.directory)
         return RestoreResult(step=None, path=None)
 
     def _expected_shapes(self) -> dict[str, list[int]]:

@@ -69,6 +69,37 @@ class SyntheticDataConfig(DataConfig):
     generator_seed: int = 0  # fixes the data set itself, independent of the run's seed
 
 
+@dataclass
+class FileDataConfig(DataConfig):
+    """Examples read from user files; the eval split is `eval_path` or a fixed held-out fraction."""
+
+    path: str = MISSING  # the training file (tfrecord: a file or a glob of shards)
+    eval_path: str | None = None  # a separate eval file in the same format; None = hold out eval_fraction
+    eval_fraction: float = 0.1  # with eval_path null: fraction of `path` held out for eval, in (0, 1)
+    split_seed: int = 0  # which examples are held out; independent of the run's seed
+    features_key: str = "features"  # name of the feature array / tf.train.Example feature
+    labels_key: str = "labels"  # name of the integer class-id array / feature
+    num_classes: int | None = None  # None = largest label + 1 over both splits
+
+
+@dataclass
+class NpzDataConfig(FileDataConfig):
+    name: str = "npz"  # arrays features (N, ...) numeric and labels (N,) integer, as numpy.savez writes
+
+
+@dataclass
+class TFRecordDataConfig(FileDataConfig):
+    name: str = "tfrecord"  # tf.train.Example records: a fixed-length float/int64 feature and an int64 label
+    feature_shape: list[int] | None = None  # reshape each flat feature vector to this; None = keep it flat
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    name: str = "digits"  # scikit-learn's bundled 8x8 digits: 1797 images, 64 features scaled to [0, 1]
+    eval_examples: int = 360  # held out for eval (20%), chosen by split_seed
+    split_seed: int = 0  # which examples are held out; independent of the run's seed
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizers and learning-rate schedules (positions follow optimizer.iterations, checkpointed)
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +180,12 @@ class PreemptionConfig:
 
 
 @dataclass
+class ExportConfig:
+    enabled: bool = True  # when training completes, the chief writes model.keras and saved_model/ in dir
+    dir: str = "${run_dir}/export"
+
+
+@dataclass
 class Config:
     experiment: str = "default"  # names the run directory
     run_dir: str = "outputs/${experiment}${harness_job_suffix:}"  # stable across restarts
@@ -161,11 +198,18 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Warm start (harness/warm_start.py): model weights only, optimizer fresh, step 0. Ignored when
+    # checkpoint.dir already holds checkpoints: resuming beats warm-starting.
+    init_from: str | None = None  # a run_dir, a checkpoint prefix, a TF1 Saver checkpoint or a .weights.h5
+    init_from_skip: list[str] = field(default_factory=list)  # globs of model variables left initialised
+    init_from_name_map: dict[str, str] = field(default_factory=dict)  # model variable/layer -> name in source
 
 
 SCHEMAS_BY_GROUP: dict[str, dict[str, type]] = {
     "model": {"mlp": MLPConfig, "cnn": CNNConfig},
-    "data": {"synthetic": SyntheticDataConfig},
+    "data": {"synthetic": SyntheticDataConfig, "npz": NpzDataConfig, "tfrecord": TFRecordDataConfig,
+             "digits": DigitsDataConfig},
     "optimizer": {"adam": AdamConfig, "adamw": AdamWConfig, "sgd": SGDConfig},
 }
 
@@ -175,6 +219,7 @@ def _schema_node() -> DictConfig:
     node = OmegaConf.structured(Config)
     with open_dict(node.checkpoint):
         node.checkpoint["async"] = BooleanNode(False)  # save in the background
+    OmegaConf.set_struct(node.init_from_name_map, False)  # user keys: `init_from_name_map={a:b}` without `+`
     return node
 
 
@@ -206,7 +251,7 @@ def register_configs() -> None:
     store.store(name="schema", node=_schema_node())
     for group, schemas in SCHEMAS_BY_GROUP.items():
         for name, schema in schemas.items():
-            store.store(group=group, name=f"{name}_schema", node=schema)
+            store.store(group=f"schema/{group}", name=name, node=schema)  # conf/<group>/<name>.yaml extend these
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +274,10 @@ class RunConfig:
     checkpoint_async: bool
     preemption: PreemptionConfig
     resolved: dict[str, Any]  # the whole resolved config, for the record in run_dir and hparams
+    export: ExportConfig = field(default_factory=ExportConfig)
+    init_from: str | None = None  # warm start source (see Config)
+    init_from_skip: tuple[str, ...] = ()
+    init_from_name_map: dict[str, str] = field(default_factory=dict)
 
 
 def to_typed_config(cfg: DictConfig) -> RunConfig:
@@ -238,6 +287,9 @@ def to_typed_config(cfg: DictConfig) -> RunConfig:
     except Exception as error:  # omegaconf raises several types, all naming the key
         raise ConfigError(f"The configuration does not resolve: {error}") from None
     assert isinstance(resolved, dict)
+    top_level = {k: v for k, v in resolved.items() if k not in ("model", "data", "optimizer")}
+    top_level["checkpoint"] = {k: v for k, v in resolved["checkpoint"].items() if k != "async"}
+    _reject_unknown_keys(Config, top_level, prefix="")
     checkpoint_values = dict(resolved["checkpoint"])
     checkpoint_async = bool(checkpoint_values.pop("async", False))
     run = RunConfig(
@@ -254,9 +306,22 @@ def to_typed_config(cfg: DictConfig) -> RunConfig:
         checkpoint_async=checkpoint_async,
         preemption=_from_dict(PreemptionConfig, resolved["preemption"]),
         resolved=resolved,
+        export=_from_dict(ExportConfig, resolved["export"]),
+        init_from=resolved["init_from"],
+        init_from_skip=tuple(resolved["init_from_skip"]),
+        init_from_name_map=dict(resolved["init_from_name_map"]),
     )
     validate(run)
     return run
+
+
+def _group_prefix(schema: type) -> str:
+    for group, schemas in SCHEMAS_BY_GROUP.items():
+        if schema in schemas.values():
+            return f"{group}."
+    return {StrategyConfig: "strategy.", TrainerConfig: "trainer.", CheckpointConfig: "checkpoint.",
+            PreemptionConfig: "preemption.", ScheduleConfig: "optimizer.schedule.",
+            ExportConfig: "export."}.get(schema, "")
 
 
 def _group_schema(group: str, resolved: dict[str, Any]) -> type:
@@ -266,7 +331,11 @@ def _group_schema(group: str, resolved: dict[str, Any]) -> type:
 
 
 def _from_dict(schema: type, values: dict[str, Any]) -> Any:
-    """Build a dataclass (nested ones included) from values OmegaConf has already type-checked."""
+    """Build a dataclass (nested ones included) from values OmegaConf has already type-checked.
+
+    Keys the schema lacks are refused here: Hydra's `+key=value` adds keys even to typed nodes.
+    """
+    _reject_unknown_keys(schema, values, prefix=_group_prefix(schema))
     kwargs = {}
     for f in dataclasses.fields(schema):
         if f.name in values:
@@ -275,6 +344,17 @@ def _from_dict(schema: type, values: dict[str, Any]) -> Any:
                 value = _from_dict(f.default_factory, value)
             kwargs[f.name] = value
     return schema(**kwargs)
+
+
+def _reject_unknown_keys(schema: type, values: dict[str, Any], *, prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"Config key '{prefix}{key}' is not part of the configuration schema "
+                              f"({schema.__name__} has {sorted(known)}): check the spelling, or drop the '+'.")
+        nested = next(f for f in dataclasses.fields(schema) if f.name == key).default_factory
+        if dataclasses.is_dataclass(nested) and isinstance(value, dict):
+            _reject_unknown_keys(nested, value, prefix=f"{prefix}{key}.")
 
 
 def validate(run: RunConfig) -> None:
@@ -323,3 +403,6 @@ def validate(run: RunConfig) -> None:
     p = run.preemption
     _require(1 <= p.exit_code <= 255 and p.exit_code not in (1, 2), "preemption.exit_code", p.exit_code,
              "an exit status in 3..255 (0, 1 and 2 mean success, crash and config error)")
+    _require(run.init_from is None or bool(run.init_from.strip()), "init_from", run.init_from,
+             "null or a run_dir, checkpoint prefix or .weights.h5 path")
+    _require(not run.export.enabled or bool(run.export.dir), "export.dir", run.export.dir, "a directory path")

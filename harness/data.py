@@ -85,51 +85,51 @@ class SeekableInput:
         return self.examples.train_features[indices], self.examples.train_labels[indices]
 
     # -- datasets ----------------------------------------------------------------------------------
-    def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
-        """An iterator of per-replica train batches starting at global step `start_step`."""
+    def train_dataset(self, context: tf.distribute.InputContext, *, start_step: int) -> tf.data.Dataset:
+        """One input pipeline's endless per-replica train batches, from global step `start_step`."""
         features = tf.constant(self.examples.train_features)
         labels = tf.constant(self.examples.train_labels)
+        per_replica = context.get_per_replica_batch_size(self.global_batch_size)
+        local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
 
-        def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            per_replica = context.get_per_replica_batch_size(self.global_batch_size)
-            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        def make_batch(element: tf.Tensor) -> Batch:
+            step = start_step + element // local_replicas
+            replica = context.input_pipeline_id * local_replicas + element % local_replicas
+            first = step * self.global_batch_size + replica * per_replica
+            indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
+            return Batch(tf.gather(features, indices), tf.gather(labels, indices), tf.ones([per_replica], tf.float32))
 
-            def make_batch(element: tf.Tensor) -> Batch:
-                step = start_step + element // local_replicas
-                replica = context.input_pipeline_id * local_replicas + element % local_replicas
-                first = step * self.global_batch_size + replica * per_replica
-                indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
-                return Batch(tf.gather(features, indices), tf.gather(labels, indices),
-                             tf.ones([per_replica], tf.float32))
+        dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).map(
+            make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
-            dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).map(
-                make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            return dataset.prefetch(self.prefetch) if self.prefetch else dataset
-
-        return iter(strategy.distribute_datasets_from_function(dataset_fn))
-
-    def distributed_eval_dataset(self, strategy: tf.distribute.Strategy):
-        """Per-replica eval batches covering the eval split once, padded with weight-0 examples."""
+    def eval_dataset(self, context: tf.distribute.InputContext) -> tf.data.Dataset:
+        """One input pipeline's share of the eval split, padded with weight-0 examples."""
         features = tf.constant(self.examples.eval_features)
         labels = tf.constant(self.examples.eval_labels)
         num_eval = len(self.examples.eval_labels)
+        per_replica = context.get_per_replica_batch_size(self.eval_batch_size)
+        local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
 
-        def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            per_replica = context.get_per_replica_batch_size(self.eval_batch_size)
-            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        def make_batch(element: tf.Tensor) -> Batch:
+            step = element // local_replicas
+            replica = context.input_pipeline_id * local_replicas + element % local_replicas
+            positions = step * self.eval_batch_size + replica * per_replica + tf.range(per_replica, dtype=tf.int64)
+            indices = tf.minimum(positions, num_eval - 1)
+            return Batch(tf.gather(features, indices), tf.gather(labels, indices),
+                         tf.cast(positions < num_eval, tf.float32))
 
-            def make_batch(element: tf.Tensor) -> Batch:
-                step = element // local_replicas
-                replica = context.input_pipeline_id * local_replicas + element % local_replicas
-                positions = step * self.eval_batch_size + replica * per_replica + tf.range(per_replica, dtype=tf.int64)
-                indices = tf.minimum(positions, num_eval - 1)
-                weights = tf.cast(positions < num_eval, tf.float32)
-                return Batch(tf.gather(features, indices), tf.gather(labels, indices), weights)
+        dataset = tf.data.Dataset.range(self.eval_steps * local_replicas).map(make_batch)
+        return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
-            dataset = tf.data.Dataset.range(self.eval_steps * local_replicas).map(make_batch)
-            return dataset.prefetch(self.prefetch) if self.prefetch else dataset
+    def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
+        """An iterator of per-replica train batches starting at global step `start_step`."""
+        return iter(strategy.distribute_datasets_from_function(
+            lambda context: self.train_dataset(context, start_step=start_step)))
 
-        return strategy.distribute_datasets_from_function(dataset_fn)
+    def distributed_eval_dataset(self, strategy: tf.distribute.Strategy):
+        """Per-replica eval batches covering the eval split once."""
+        return strategy.distribute_datasets_from_function(self.eval_dataset)
 
 
 def build_input(examples: ExampleArrays, config: DataConfig, *, seed: int, num_replicas: int) -> SeekableInput:
