@@ -21,7 +21,7 @@ def train(cfg: DictConfig):
 
     run = to_typed_config(cfg)  # config errors surface before TensorFlow is imported
     from harness import checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
-    from harness import preemption, progress, run_dir, runtime, state, strategy, summaries
+    from harness import export, preemption, progress, run_dir, runtime, state, strategy, summaries, warm_start
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
@@ -38,8 +38,11 @@ def train(cfg: DictConfig):
     checkpointer = checkpointing.Checkpointer.from_config(train_state, run.checkpoint, async_save=run.checkpoint_async,
                                                           is_chief=is_chief)
     start_step = checkpointer.restore_latest().step  # fails here, before any write, on a mismatch
+    warm_start.warm_start_fresh_run(model, init_from=run.init_from, skip=run.init_from_skip,
+                                    name_map=run.init_from_name_map, resumed_step=start_step)
     if is_chief:
         run_dir.write_config_record(run.run_dir, run.resolved)
+        run_dir.write_model_signature(run.run_dir, input_shape=examples.input_shape, num_classes=examples.num_classes)
 
     train_loop, eval_loop = loop.build_loops(dist, train_state, pipeline, seed=run.seed,
                                              jit_compile=run.trainer.jit_compile)
@@ -48,20 +51,25 @@ def train(cfg: DictConfig):
                                 start_step=start_step or 0) as tensorboard:
         if start_step is None:
             tensorboard.hparams(run.resolved)
-        return controller.Controller(
+        outcome = controller.Controller(
             strategy=dist, state=train_state, pipeline=pipeline, train_loop=train_loop, eval_loop=eval_loop,
             checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,
             progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
                                        max_steps=run.trainer.max_steps, enabled=is_chief),
             watcher=watcher, trainer=run.trainer,
         ).run()
+    export.export_finished_run(model, run.export, status=outcome.status, is_chief=is_chief)
+    return outcome
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from harness.errors import exit_code_of
+    from harness.preemption import ignore_signals_while_exiting
 
-    raise SystemExit(exit_code_of(train, cfg))
+    exit_code = exit_code_of(train, cfg)
+    ignore_signals_while_exiting(list(cfg.preemption.signals))  # a late SIGTERM must not change the exit code
+    raise SystemExit(exit_code)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class PreemptionWatcher:
         self._signals = parse_signals(signal_names)
         self.exit_code = exit_code
         self.received: signal.Signals | None = None
-        self._previous: dict[signal.Signals, object] = {}
+        self._previous: dict[signal.Signals, object] = {}  # handlers replaced by ours
 
     def __enter__(self) -> PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():  # handlers only install there
@@ -56,8 +56,13 @@ class PreemptionWatcher:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)  # type: ignore[arg-type]
+        # Not the previous handlers: a stop signal during interpreter teardown (after the final
+        # checkpoint) must not turn a finished run into a "killed by SIGTERM" exit.
+        for sig in self._previous:
+            signal.signal(sig, self._handle_after_training)
+
+    def _handle_after_training(self, signum: int, frame: FrameType | None) -> None:
+        os.write(2, f"received {signal.Signals(signum).name} after training ended: exiting normally\n".encode())
 
     @property
     def requested(self) -> bool:
@@ -72,6 +77,20 @@ class PreemptionWatcher:
         else:
             message = f"received {name} again: still saving the checkpoint, please wait\n"
         os.write(2, message.encode())  # async-signal-safe, unlike logging
+
+
+def ignore_signals_while_exiting(signal_names: list[str]) -> None:
+    """Ignore the stop signals from now on: the run is over and the process is exiting.
+
+    Python resets its own handlers to the default during interpreter teardown, so a late SIGTERM
+    would otherwise turn "finished" (or "preempted, saved") into "killed by a signal". Ignored
+    signals stay ignored through teardown. Call only when the process is about to exit.
+    """
+    for name in signal_names:
+        try:
+            signal.signal(parse_signals([name])[0], signal.SIG_IGN)
+        except (ConfigError, ValueError):  # unknown name (reported earlier) or not the main thread
+            continue
 
 
 class StopAgreement:

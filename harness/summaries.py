@@ -18,11 +18,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
-from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 _TIMESTAMP = re.compile(r"tfevents\.(\d+)\.")
@@ -56,9 +54,10 @@ class Summaries:
         """Write one scalar per tag at `step`."""
         if not self.enabled:
             return
-        summary = summary_pb2.Summary()
-        for tag, value in values.items():
-            summary.value.extend(scalar_summary.scalar_pb(tag, np.float32(value)).value)
+        # `simple_value` scalars, not TF2 tensor scalars: every TensorBoard loader, including the
+        # Python EventAccumulator, purges these on a restart's START event (tensors it does not).
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+                                             for tag, value in values.items()])
         self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def hparams(self, config: Mapping[str, Any]) -> None:

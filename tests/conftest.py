@@ -67,16 +67,13 @@ def checkpoint_values(path: str | Path) -> dict[str, object]:
 
 
 def event_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalar tag -> [(step, value)] as TensorBoard's own loader (EventAccumulator) sees the run."""
+    """Scalar tag -> [(step, value)] as TensorBoard's own Python loader (EventAccumulator) sees the run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
 
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto))) for event in
-                  accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()["tensors"]
-            if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
 
 
 @pytest.fixture
