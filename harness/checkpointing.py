@@ -20,12 +20,14 @@ reported when one does not fit the model. Guarantees:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+import keras
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 
@@ -76,6 +78,23 @@ def _display_name(key: str) -> str:
     return key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) else key
 
 
+def backing_variables(tree: dict[str, object]) -> dict[str, object]:
+    """The checkpoint tree with each Keras variable replaced by the `tf.Variable` that holds its value.
+
+    Both write the same keys and values. The swap is needed for async saves: Keras 3's
+    `Variable._copy_trackable_to_cpu` creates a new `tf.Variable` on every call, which the traced
+    copy function of TensorFlow's async checkpointer refuses ("tf.function only supports singleton
+    tf.Variables"); TensorFlow's own variables reuse their CPU copy. Checked on Keras 3.15, TF 2.21.
+    """
+    def unwrap(node: object) -> object:
+        if isinstance(node, dict):
+            return {key: unwrap(child) for key, child in node.items()}
+        held = getattr(node, "value", None) if isinstance(node, keras.Variable) else None
+        return held if isinstance(held, tf.Variable) else node
+
+    return {key: unwrap(child) for key, child in tree.items()}
+
+
 class Checkpointer:
     """Saves `TrainState` every so often and restores the newest intact checkpoint at start-up."""
 
@@ -91,12 +110,15 @@ class Checkpointer:
     ) -> None:
         self.directory = directory
         self.is_chief = is_chief
-        self._checkpoint = tf.train.Checkpoint(**state.checkpoint_items())
+        self._checkpoint = tf.train.Checkpoint(**backing_variables(state.checkpoint_items()))
         _ = self._checkpoint.save_counter  # created lazily; must exist for restores to consume it
         self._state = state
         self._options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=async_save)
         self._async = async_save
-        self._write_directory = directory if is_chief else tempfile.mkdtemp(prefix="harness-worker-ckpt-")
+        # Non-chief workers: a private path that each save creates and then deletes, so a worker
+        # that never saves (or finishes) leaves nothing behind.
+        self._write_directory = directory if is_chief else os.path.join(
+            tempfile.gettempdir(), f"harness-worker-ckpt-{os.getpid()}-{id(self):x}")
         self._manager: tf.train.CheckpointManager | None = None
         self._manager_settings = {"max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_every_hours}
 
@@ -145,6 +167,7 @@ class Checkpointer:
                 log.warning("resumed from %s after skipping unreadable %s", _name(path),
                             ", ".join(_name(p) for p in skipped))
             log.info("resuming from checkpoint %s at step %d", path, restored_step)
+            self._remove_abandoned_writes()
             return RestoreResult(step=restored_step, path=path, skipped=skipped)
         if candidates:
             raise CheckpointError(
@@ -153,7 +176,23 @@ class Checkpointer:
                 "them: move the directory aside to start a fresh run, or point checkpoint.dir at intact copies."
             )
         log.info("no checkpoint in %s: starting from step 0", self.directory)
+        self._remove_abandoned_writes()
         return RestoreResult(step=None, path=None)
+
+    def _remove_abandoned_writes(self) -> None:
+        """Delete the temporary directories of writes a kill interrupted (`ckpt-N_temp*`).
+
+        They never hold a usable checkpoint: TensorFlow renames finished files out of them. Only
+        called after a successful restore, and only by the chief.
+        """
+        if not self.is_chief or not tf.io.gfile.isdir(self.directory):
+            return
+        for abandoned in tf.io.gfile.glob(f"{self.directory.rstrip('/')}/{CHECKPOINT_NAME}-*_temp*"):
+            log.info("removing %s, left by a checkpoint write that was interrupted", abandoned)
+            if tf.io.gfile.isdir(abandoned):
+                tf.io.gfile.rmtree(abandoned)
+            else:
+                tf.io.gfile.remove(abandoned)
 
     def _expected_shapes(self) -> dict[str, list[int]]:
         """The names and shapes a checkpoint of the current state has (written to memory, not disk)."""

@@ -195,3 +195,21 @@ def _poll_scalars(port: int, tag: str, *, expected: int, timeout: float = 90) ->
             pass
         time.sleep(1)
     raise AssertionError(f"tensorboard served {len(points)} points of {tag}, expected {expected}: {points}")
+
+
+def test_sigkill_while_checkpoints_are_being_written(tmp_path: Path) -> None:
+    """52 MB of state saved every step: most kills land inside a checkpoint write."""
+    every_step = ("deterministic=true", "model.hidden=[2048,2048]", "model.dropout=0.1", "checkpoint.every_steps=1",
+                  "checkpoint.max_to_keep=2", "trainer.max_steps=25", "trainer.steps_per_loop=1", "trainer.log_every=1",
+                  "trainer.eval_every=0")
+    reference = tmp_path / "reference"
+    assert_ok(run_train(reference, *every_step))
+    run_dir = tmp_path / "run"
+    report = run_chaos(train_command(run_dir, *every_step), kills=3, signals=[signal.SIGKILL], min_delay=0.0,
+                       max_delay=0.8, seed=4, cwd=str(PROJECT_ROOT), env=subprocess_env())
+    print(report.summary())
+    assert report.completed and report.kills == 3
+    assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-25", reference / "checkpoints" / "ckpt-25") == []
+    leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert leftovers == ["checkpoint", "ckpt-24.data-00000-of-00001", "ckpt-24.index",
+                         "ckpt-25.data-00000-of-00001", "ckpt-25.index"]
