@@ -54,7 +54,9 @@ class DataConfig:
     name: str = MISSING  # which source in harness/data_sources.py
     global_batch_size: int = 128  # examples per step summed over all replicas and workers
     eval_batch_size: int | None = None  # global; None = global_batch_size
-    prefetch: int = 2  # batches prepared ahead of the step; 0 disables prefetching
+    # Train batches a tf.data pipeline prepares ahead of the step; 0 = gather each batch inside the
+    # step instead (no tf.data: fastest on CPU hosts, see docs/benchmarks.md). Same batches either way.
+    prefetch: int = 0
     shuffle_seed: int | None = None  # order of examples; None = the run's `seed`
 
 

@@ -2,17 +2,32 @@
 
 Owns: loading or generating (features, labels) for the train and eval splits and checking them.
 Every source returns `ExampleArrays`; the seekable pipeline in `harness/data.py` does the rest, so
-a new source only has to produce arrays.
+a new source only has to produce arrays. Sources (`SOURCES`, one per `data=` choice): `synthetic`
+(generated), `digits` (scikit-learn's bundled digits, no download), and user files `npz` and
+`tfrecord`, whose layout is checked on load: a bad file raises one `DataError` naming the file, the
+key and what was expected (exit code 2), never a traceback.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import tensorflow as tf
 
-from harness.config import DataConfig, SyntheticDataConfig
+from harness.config import (
+    DataConfig,
+    DigitsDataConfig,
+    FileDataConfig,
+    NpzDataConfig,
+    SyntheticDataConfig,
+    TFRecordDataConfig,
+)
 from harness.errors import DataError
 
 
@@ -61,7 +76,187 @@ def synthetic(config: SyntheticDataConfig) -> ExampleArrays:
     return ExampleArrays(features[split:], labels[split:], features[:split], labels[:split], config.num_classes)
 
 
-SOURCES: dict[str, Callable[..., ExampleArrays]] = {"synthetic": synthetic}
+def digits(config: DigitsDataConfig) -> ExampleArrays:
+    """scikit-learn's bundled 8x8 handwritten digits: 1797 examples, 10 classes, shipped inside the package.
+
+    Features are the 64 pixel intensities scaled from 0..16 to [0, 1] (flat; `model=cnn` reshapes them
+    to 8x8x1). `eval_examples` of them, chosen by `split_seed`, form the eval split.
+    """
+    from sklearn.datasets import load_digits  # only this source needs scikit-learn; it reads no network
+
+    bunch = load_digits()
+    features, labels = (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int32)
+    if not 1 <= config.eval_examples < len(labels):
+        raise DataError(f"Config key 'data.eval_examples' = {config.eval_examples} is invalid: expected 1 to "
+                        f"{len(labels) - 1} (the digits data set has {len(labels)} examples).")
+    return _held_out(features, labels, eval_count=config.eval_examples, split_seed=config.split_seed,
+                     num_classes=10)
+
+
+def npz(config: NpzDataConfig) -> ExampleArrays:
+    """Examples from `numpy.savez` archives holding `features` (N, ...) numbers and `labels` (N,) class ids."""
+    return _from_files(config, _read_npz)
+
+
+def tfrecord(config: TFRecordDataConfig) -> ExampleArrays:
+    """Examples from TFRecord files of `tf.train.Example`s, each with a fixed-length float or int64 feature
+    `features_key` and an int64 feature `labels_key` holding one class id."""
+    return _from_files(config, _read_tfrecord)
+
+
+def _from_files(config: FileDataConfig, read: Callable[..., tuple[np.ndarray, np.ndarray]]) -> ExampleArrays:
+    features, labels = read(config.path, config, key="data.path")
+    if config.eval_path is not None:
+        eval_features, eval_labels = read(config.eval_path, config, key="data.eval_path")
+        num_classes = config.num_classes or int(max(labels.max(), eval_labels.max())) + 1
+        return ExampleArrays(features, labels, eval_features, eval_labels, num_classes)
+    if not 0.0 < config.eval_fraction < 1.0:
+        raise DataError(f"Config key 'data.eval_fraction' = {config.eval_fraction} is invalid: expected a "
+                        "fraction in (0, 1), or set data.eval_path to a separate eval file.")
+    eval_count = max(1, round(len(labels) * config.eval_fraction))
+    if eval_count >= len(labels):
+        raise DataError(f"Data file '{config.path}' holds {len(labels)} examples: too few to hold out "
+                        f"data.eval_fraction = {config.eval_fraction} for eval and still train; expected more "
+                        "examples, or a separate eval file in data.eval_path.")
+    return _held_out(features, labels, eval_count=eval_count, split_seed=config.split_seed,
+                     num_classes=config.num_classes or int(labels.max()) + 1)
+
+
+def _held_out(features: np.ndarray, labels: np.ndarray, *, eval_count: int, split_seed: int,
+              num_classes: int) -> ExampleArrays:
+    """Split off `eval_count` examples chosen by `split_seed` (files are often sorted by class)."""
+    order = np.random.default_rng(split_seed).permutation(len(labels))
+    eval_rows, train_rows = np.sort(order[:eval_count]), np.sort(order[eval_count:])
+    return ExampleArrays(features[train_rows], labels[train_rows], features[eval_rows], labels[eval_rows],
+                         num_classes)
+
+
+def _read_npz(path: str, config: FileDataConfig, *, key: str) -> tuple[np.ndarray, np.ndarray]:
+    expected = (f"a .npz archive written by numpy.savez with arrays '{config.features_key}' (N, ...) of numbers "
+                f"and '{config.labels_key}' (N,) of integer class ids")
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"Config key '{key}' = '{path}': no such file. Expected {expected}.")
+    with tf.io.gfile.GFile(path, "rb") as handle:  # gfile: local paths, gs://, hdfs://
+        content = handle.read()
+    if not content.startswith((b"PK", b"\x93NUMPY")):  # otherwise numpy would try to unpickle it
+        raise DataError(f"Data file '{path}' ({key}) is not a .npz archive (no zip signature at its start). "
+                        f"Expected {expected}.")
+    try:
+        archive = np.load(io.BytesIO(content), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"Data file '{path}' ({key}) cannot be read as .npz ({error}). Expected {expected}.") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"Data file '{path}' ({key}) holds a single array (a .npy file), not an archive. "
+                        f"Expected {expected}.")
+    with archive:
+        missing = [name for name in (config.features_key, config.labels_key) if name not in archive.files]
+        if missing:
+            raise DataError(f"Data file '{path}' ({key}) has no array '{missing[0]}'; it holds {archive.files}. "
+                            f"Expected {expected}; set data.features_key / data.labels_key to the names in the file.")
+        try:
+            features, labels = archive[config.features_key], archive[config.labels_key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # object arrays, truncated members
+            raise DataError(f"Data file '{path}' ({key}) cannot be read ({error}). Expected {expected}.") from None
+    return _checked_arrays(features, labels, path=path, key=key, expected=expected)
+
+
+def _read_tfrecord(path: str, config: TFRecordDataConfig, *, key: str) -> tuple[np.ndarray, np.ndarray]:
+    expected = (f"TFRecord files of tf.train.Example records, each with a feature '{config.features_key}' of a "
+                f"fixed number of float or int64 values and an int64 feature '{config.labels_key}' holding one "
+                "class id")
+    files = sorted(tf.io.gfile.glob(path))
+    if not files:
+        raise DataError(f"Config key '{key}' = '{path}' matches no file. Expected {expected}.")
+    records = tf.data.TFRecordDataset(files)
+    try:
+        first = [record.numpy() for record in records.take(1)]
+    except tf.errors.OpError as error:  # not a TFRecord file, or its first record is corrupted
+        raise DataError(f"Data files '{path}' ({key}) are not readable TFRecord files "
+                        f"({_first_line(error)}). Expected {expected}.") from None
+    if not first:
+        raise DataError(f"Data files '{path}' ({key}) hold no records. Expected {expected}.")
+    spec = _example_spec(first[0], config, path=path, key=key, expected=expected)
+    try:
+        parsed = [tf.io.parse_example(batch, spec) for batch in records.batch(8192)]
+    except tf.errors.OpError as error:  # a corrupted record, or one whose layout differs from the first
+        layout = ", ".join(f"'{name}': {feature.shape[0] if feature.shape else 1} {feature.dtype.name}"
+                           for name, feature in spec.items())
+        raise DataError(f"A record in '{path}' ({key}) cannot be read or differs from the first record "
+                        f"({layout}): {_first_line(error)}. Expected {expected}.") from None
+    features = np.concatenate([batch[config.features_key].numpy() for batch in parsed])
+    labels = np.concatenate([batch[config.labels_key].numpy() for batch in parsed])
+    if config.feature_shape is not None:
+        if math.prod(config.feature_shape) != features.shape[1]:
+            raise DataError(f"Config key 'data.feature_shape' = {list(config.feature_shape)} holds "
+                            f"{math.prod(config.feature_shape)} values but the records in '{path}' have "
+                            f"{features.shape[1]}: expected a shape whose product is {features.shape[1]}.")
+        features = features.reshape((-1, *config.feature_shape))
+    return _checked_arrays(features, labels, path=path, key=key, expected=expected)
+
+
+def _example_spec(record: bytes, config: TFRecordDataConfig, *, path: str, key: str,
+                  expected: str) -> dict[str, tf.io.FixedLenFeature]:
+    """The parsing spec of every record, read off the first one."""
+    from google.protobuf.message import DecodeError
+
+    where = f"The first record of '{path}' ({key})"
+    try:
+        example = tf.train.Example.FromString(record)
+    except DecodeError:
+        raise DataError(f"{where} is not a tf.train.Example. Expected {expected}.") from None
+    available = sorted(example.features.feature)
+    for name in (config.features_key, config.labels_key):
+        if name not in example.features.feature:
+            raise DataError(f"{where} has no feature '{name}'; it has {available}. Expected {expected}; set "
+                            "data.features_key / data.labels_key to the names in the file.")
+    feature = example.features.feature[config.features_key]
+    kind = feature.WhichOneof("kind")
+    if kind not in ("float_list", "int64_list"):
+        raise DataError(f"{where}: feature '{config.features_key}' holds {kind or 'nothing'}; expected float or "
+                        f"int64 values (decode images to numbers when writing the records). Expected {expected}.")
+    label = example.features.feature[config.labels_key]
+    if label.WhichOneof("kind") != "int64_list" or len(label.int64_list.value) != 1:
+        raise DataError(f"{where}: feature '{config.labels_key}' is not one int64 class id ({label}). "
+                        f"Expected {expected}.")
+    dtype = tf.float32 if kind == "float_list" else tf.int64
+    return {config.features_key: tf.io.FixedLenFeature([len(getattr(feature, kind).value)], dtype),
+            config.labels_key: tf.io.FixedLenFeature([], tf.int64)}
+
+
+def _checked_arrays(features: np.ndarray, labels: np.ndarray, *, path: str, key: str,
+                    expected: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 features (N, ...) and int32 labels (N,), or a `DataError` naming the file."""
+    where = f"Data file '{path}' ({key})"
+    if features.dtype.kind not in "biuf":
+        raise DataError(f"{where}: features have dtype {features.dtype}; expected numbers. Expected {expected}.")
+    if features.ndim < 2:
+        raise DataError(f"{where}: features have shape {features.shape}; expected one row per example, "
+                        f"(N, ...). Expected {expected}.")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{where}: labels have shape {labels.shape}; expected (N,) class ids (store one-hot "
+                        f"labels as their argmax). Expected {expected}.")
+    if len(features) != len(labels) or not len(labels):
+        raise DataError(f"{where} has {len(features)} feature rows and {len(labels)} labels; expected the same "
+                        f"number, at least one. Expected {expected}.")
+    integral_floats = labels.dtype.kind == "f" and bool(np.all(labels == np.round(labels)))
+    if labels.dtype.kind not in "biu" and not integral_floats:
+        raise DataError(f"{where}: labels have dtype {labels.dtype} and are not all whole numbers; expected "
+                        f"integer class ids. Expected {expected}.")
+    if labels.min() < 0:
+        raise DataError(f"{where}: labels include {labels.min()}; expected class ids 0, 1, 2, ...")
+    return features.astype(np.float32, copy=False), labels.astype(np.int32)
+
+
+def _first_line(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without the op and function-node decorations."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*", "", error.message or "").strip()
+    return (text.splitlines() or [type(error).__name__])[0][:300]
+
+
+SOURCES: dict[str, Callable[..., ExampleArrays]] = {"synthetic": synthetic, "digits": digits, "npz": npz,
+                                                    "tfrecord": tfrecord}
 
 
 def load_examples(config: DataConfig) -> ExampleArrays:

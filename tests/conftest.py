@@ -23,6 +23,7 @@ TINY = (
     "trainer.log_every=10",
     "trainer.eval_every=30",
     "checkpoint.every_steps=20",
+    "export.enabled=false",  # tests of export turn it back on
 )
 
 

@@ -1,0 +1,72 @@
+"""Exporting a trained model for serving: a `.keras` file and a TensorFlow SavedModel.
+
+Owns: the export directory's layout (`model.keras`, `saved_model/`). Guarantees: each artifact is
+written under a temporary name and renamed into place, so a reader never sees a half-written one
+(an interrupted export leaves the previous artifact or none, plus a `*.tmp-*` leftover).
+`model.keras` reloads with `keras.saving.load_model` (custom layers must be registered with
+`keras.saving.register_keras_serializable`, as models/residual_mlp.py does); `saved_model/` has a
+`serve` endpoint mapping float32 `(batch, *input_shape)` to logits and needs no Python code of
+this project. Exporting reads the model's variables only; the checkpoints are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+from harness.config import ExportConfig
+from harness.controller import Status
+
+log = logging.getLogger(__name__)
+
+KERAS_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+
+
+@dataclass(frozen=True)
+class ExportPaths:
+    keras_file: str
+    saved_model_dir: str
+
+
+def export_model(model: keras.Model, directory: str) -> ExportPaths:
+    """Write `directory/model.keras` and `directory/saved_model/`, replacing earlier exports."""
+    tf.io.gfile.makedirs(directory)
+    paths = ExportPaths(os.path.join(directory, KERAS_FILE), os.path.join(directory, SAVED_MODEL_DIR))
+    suffix = f"tmp-{os.getpid()}"
+
+    temporary_file = os.path.join(directory, f"model.{suffix}.keras")  # Keras insists on the extension
+    model.save(temporary_file)
+    tf.io.gfile.rename(temporary_file, paths.keras_file, overwrite=True)
+
+    temporary_dir = f"{paths.saved_model_dir}.{suffix}"
+    if tf.io.gfile.exists(temporary_dir):
+        tf.io.gfile.rmtree(temporary_dir)
+    model.export(temporary_dir, format="tf_saved_model", verbose=False)
+    if tf.io.gfile.exists(paths.saved_model_dir):
+        tf.io.gfile.rmtree(paths.saved_model_dir)  # directories cannot be renamed over
+    tf.io.gfile.rename(temporary_dir, paths.saved_model_dir)
+    log.info("exported %s to %s and %s", model.name, paths.keras_file, paths.saved_model_dir)
+    return paths
+
+
+def exported(directory: str) -> bool:
+    """True if both artifacts exist in `directory`."""
+    return all(tf.io.gfile.exists(os.path.join(directory, name)) for name in (KERAS_FILE, SAVED_MODEL_DIR))
+
+
+def export_finished_run(model: keras.Model, config: ExportConfig, *, status: Status, is_chief: bool) -> None:
+    """train.py's hook: the chief exports once training has completed (`export.enabled`).
+
+    A rerun of an already complete run exports only if the export is missing (say the first
+    attempt was killed while exporting); a preempted run exports nothing.
+    """
+    if not (config.enabled and is_chief) or status is Status.PREEMPTED:
+        return
+    if status is Status.ALREADY_COMPLETE and exported(config.dir):
+        return
+    export_model(model, config.dir)
