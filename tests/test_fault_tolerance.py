@@ -193,9 +193,11 @@ def _poll_scalars(port: int, tag: str, *, expected: int, timeout: float = 90) ->
 
 
 def test_sigkill_while_checkpoints_are_being_written(tmp_path: Path) -> None:
-    """52 MB of state saved every step: most kills land inside a checkpoint write."""
+    """52 MB of state saved every step: most kills land inside a checkpoint write. With max_to_keep=1
+    a save that deleted the old checkpoint before the new one was complete would send a successor
+    back to an older step."""
     every_step = ("deterministic=true", "model.hidden=[2048,2048]", "model.dropout=0.1", "checkpoint.every_steps=1",
-                  "checkpoint.max_to_keep=2", "trainer.max_steps=25", "trainer.steps_per_loop=1", "trainer.log_every=1",
+                  "checkpoint.max_to_keep=1", "trainer.max_steps=25", "trainer.steps_per_loop=1", "trainer.log_every=1",
                   "trainer.eval_every=0")
     reference = tmp_path / "reference"
     assert_ok(run_train(reference, *every_step))
@@ -204,7 +206,8 @@ def test_sigkill_while_checkpoints_are_being_written(tmp_path: Path) -> None:
                        max_delay=0.8, seed=4, cwd=str(PROJECT_ROOT), env=subprocess_env())
     print(report.summary())
     assert report.completed and report.kills == 3
+    for killed, successor in zip(report.attempts, report.attempts[1:]):
+        assert successor.resumed_from is not None and successor.resumed_from >= (killed.resumed_from or 0)
     assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-25", reference / "checkpoints" / "ckpt-25") == []
     leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert leftovers == ["checkpoint", "ckpt-24.data-00000-of-00001", "ckpt-24.index",
-                         "ckpt-25.data-00000-of-00001", "ckpt-25.index"]
+    assert leftovers == ["checkpoint", "ckpt-25.data-00000-of-00001", "ckpt-25.index"]
