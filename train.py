@@ -38,6 +38,7 @@ def train(cfg: DictConfig):
     checkpointer = checkpointing.Checkpointer.from_config(train_state, run.checkpoint, async_save=run.checkpoint_async,
                                                           is_chief=is_chief)
     start_step = checkpointer.restore_latest().step  # fails here, before any write, on a mismatch
+    strategy.check_workers_restored_the_same_step(dist, start_step, checkpoint_dir=run.checkpoint.dir)
     warm_start.warm_start_fresh_run(model, init_from=run.init_from, skip=run.init_from_skip,
                                     name_map=run.init_from_name_map, resumed_step=start_step)
     if is_chief:
