@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.config import register_configs
@@ -69,6 +71,8 @@ def main(cfg: DictConfig) -> None:
     from harness.preemption import ignore_signals_while_exiting
 
     exit_code = exit_code_of(train, cfg)
+    if exit_code == 0 and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return  # let Hydra run the sweep's next job; a non-zero code stops the sweep, as a crash would
     ignore_signals_while_exiting(list(cfg.preemption.signals))  # a late SIGTERM must not change the exit code
     raise SystemExit(exit_code)
 

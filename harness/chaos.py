@@ -84,29 +84,54 @@ class ChaosReport:
         return "\n".join(lines)
 
 
-def _watch(process: subprocess.Popen[str], sink: list[str], started: threading.Event) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        sink.append(line)
-        if _STEP.search(line):
-            started.set()
+class _Progress:
+    """Follows a child's output: every line, and the first/last step and max_steps it logged."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.first_step: int | None = None
+        self.last_step = 0
+        self.max_steps = 0
+        self.started = threading.Event()
+        self.advanced = threading.Condition()
+
+    def follow(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append(line)
+            match = _STEP.search(line)
+            if match:
+                with self.advanced:
+                    self.last_step, self.max_steps = int(match.group(1)), int(match.group(2))
+                    self.first_step = self.last_step if self.first_step is None else self.first_step
+                    self.advanced.notify_all()
+                self.started.set()
+        with self.advanced:
+            self.advanced.notify_all()
 
 
-def run_attempt(command: Sequence[str], *, kill_signal: signal.Signals | None, kill_after: float,
-                cwd: str | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> Attempt:
-    """Run the command once; if `kill_signal`, send it `kill_after` seconds after training starts."""
+def run_attempt(command: Sequence[str], *, kill_signal: signal.Signals | None, kill_fraction: float = 0.5,
+                jitter: float = 0.0, cwd: str | None = None, env: dict[str, str] | None = None,
+                timeout: float = 600) -> Attempt:
+    """Run the command once. With `kill_signal`, send it `jitter` seconds after the process has logged
+    `kill_fraction` of the steps it had left when training started (so kills land mid-training at any
+    training speed; the jitter moves them off the logging boundaries)."""
     process = subprocess.Popen(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1)
-    lines: list[str] = []
-    started = threading.Event()
-    reader = threading.Thread(target=_watch, args=(process, lines, started), daemon=True)
+    progress = _Progress()
+    reader = threading.Thread(target=progress.follow, args=(process,), daemon=True)
     reader.start()
     sent = None
     if kill_signal is not None:
         deadline = time.monotonic() + timeout
-        while not started.is_set() and process.poll() is None and time.monotonic() < deadline:
-            started.wait(0.05)
-        time.sleep(kill_after)
+        while not progress.started.is_set() and process.poll() is None and time.monotonic() < deadline:
+            progress.started.wait(0.05)  # e.g. an already complete run logs no step at all
+        with progress.advanced:
+            if progress.first_step is not None:
+                target = progress.first_step + kill_fraction * (progress.max_steps - progress.first_step)
+                while progress.last_step < target and process.poll() is None and time.monotonic() < deadline:
+                    progress.advanced.wait(0.05)
+        time.sleep(jitter)
         if process.poll() is None:
             process.send_signal(kill_signal)
             sent = kill_signal.name
@@ -116,7 +141,7 @@ def run_attempt(command: Sequence[str], *, kill_signal: signal.Signals | None, k
         process.kill()
         exit_code = process.wait()
     reader.join(timeout=10)
-    return _parse_attempt("".join(lines), exit_code=exit_code, signal_sent=sent)
+    return _parse_attempt("".join(progress.lines), exit_code=exit_code, signal_sent=sent)
 
 
 def _parse_attempt(output: str, *, exit_code: int, signal_sent: str | None) -> Attempt:
@@ -129,22 +154,23 @@ def _parse_attempt(output: str, *, exit_code: int, signal_sent: str | None) -> A
                    stopped_at=int(stopped.group(1)) if stopped else None, output=output)
 
 
-def run_chaos(command: Sequence[str], *, kills: int, signals: Sequence[signal.Signals], min_delay: float,
-              max_delay: float, seed: int, cwd: str | None = None, env: dict[str, str] | None = None,
-              max_attempts: int | None = None, log=print) -> ChaosReport:
-    """Kill the command `kills` times at random moments, restarting it each time, then let it finish."""
+def run_chaos(command: Sequence[str], *, kills: int, signals: Sequence[signal.Signals], max_jitter: float, seed: int,
+              cwd: str | None = None, env: dict[str, str] | None = None, max_attempts: int | None = None,
+              log=print) -> ChaosReport:
+    """Interrupt the command `kills` times at random points of its training, restarting it each time,
+    then let it finish. Each kill lands after a random fraction (5-90%) of the steps the process had
+    left, plus a random 0..`max_jitter` seconds."""
     rng = random.Random(seed)
     report = ChaosReport()
     limit = max_attempts or kills + 5
     while len(report.attempts) < limit:
-        kill = report.kills < kills
-        kill_signal = rng.choice(list(signals)) if kill else None
-        delay = rng.uniform(min_delay, max_delay)
-        attempt = run_attempt(command, kill_signal=kill_signal, kill_after=delay, cwd=cwd, env=env)
+        kill_signal = rng.choice(list(signals)) if report.kills < kills else None
+        fraction, jitter = rng.uniform(0.05, 0.9), rng.uniform(0.0, max_jitter)
+        attempt = run_attempt(command, kill_signal=kill_signal, kill_fraction=fraction, jitter=jitter, cwd=cwd,
+                              env=env)
         report.attempts.append(attempt)
         log(f"attempt {len(report.attempts)}: resumed from {attempt.resumed_from}, reached {attempt.last_step_seen}, "
-            f"signal {attempt.signal_sent or '-'}" + (f" after {delay:.2f}s" if attempt.signal_sent else "")
-            + f", exit {attempt.exit_code}")
+            f"signal {attempt.signal_sent or '-'}, exit {attempt.exit_code}")
         if attempt.signal_sent is None:  # it ended by itself: finished, or failed for a reason of its own
             break
     return report

@@ -180,14 +180,18 @@ class Checkpointer:
         return RestoreResult(step=None, path=None)
 
     def _remove_abandoned_writes(self) -> None:
-        """Delete the temporary directories of writes a kill interrupted (`ckpt-N_temp*`).
+        """Delete what writes a kill interrupted left: `ckpt-N_temp*` directories, and data files
+        whose index was never written (TensorFlow renames the data into place before it writes the
+        index, so a checkpoint without its index was never complete).
 
-        They never hold a usable checkpoint: TensorFlow renames finished files out of them. Only
-        called after a successful restore, and only by the chief.
+        Neither ever held a usable checkpoint. Only called after a successful restore, by the chief.
         """
         if not self.is_chief or not tf.io.gfile.isdir(self.directory):
             return
-        for abandoned in tf.io.gfile.glob(f"{self.directory.rstrip('/')}/{CHECKPOINT_NAME}-*_temp*"):
+        prefix = f"{self.directory.rstrip('/')}/{CHECKPOINT_NAME}-"
+        abandoned_data = [path for path in tf.io.gfile.glob(f"{prefix}*.data-*")
+                          if not tf.io.gfile.exists(path.rsplit(".data-", 1)[0] + ".index")]
+        for abandoned in tf.io.gfile.glob(f"{prefix}*_temp*") + abandoned_data:
             log.info("removing %s, left by a checkpoint write that was interrupted", abandoned)
             if tf.io.gfile.isdir(abandoned):
                 tf.io.gfile.rmtree(abandoned)

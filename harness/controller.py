@@ -64,6 +64,12 @@ class Controller:
     trainer: TrainerConfig
 
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:
+            self.progress.close()
+
+    def _run(self) -> Outcome:
         step = int(self.state.step.numpy())
         max_steps = self.trainer.max_steps
         if step >= max_steps:
@@ -119,6 +125,7 @@ class Controller:
             "train/learning_rate": metrics["learning_rate"], "perf/steps_per_second": steps_per_second,
             "perf/examples_per_second": steps_per_second * self.pipeline.global_batch_size,
         })
+        self.summaries.flush()  # live TensorBoard sees every log step, not only checkpointed ones
         self.progress.report(step, {"loss": metrics["loss"], "acc": metrics["accuracy"],
                                     "lr": metrics["learning_rate"]})
         return metrics

@@ -4,8 +4,9 @@ Owns: `${run_dir}/tensorboard`. Each process appends to an event file of its own
 after every existing one, and starts it with a `SessionLog.START` event at (restored step + 1).
 TensorBoard's loaders (the data server and the Python `EventAccumulator`) drop every point at or
 after a restart's START step that was read before it, so points a killed process logged after
-its last checkpoint vanish, and the steps the new process redoes appear once. Summaries are
-flushed before each checkpoint, so no logged step before a checkpoint can be lost.
+its last checkpoint vanish, and the steps the new process redoes appear once. The controller
+flushes at every log step (live TensorBoard sees them) and before each checkpoint (no step
+logged before a checkpoint can be lost).
 Only the chief writes; other workers get a no-op writer.
 """
 

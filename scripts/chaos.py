@@ -41,8 +41,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=3, help="how many times to interrupt the command")
     parser.add_argument("--signals", default="SIGKILL,SIGTERM", help="comma-separated signals to pick from")
-    parser.add_argument("--min-delay", type=float, default=0.0, help="seconds after training starts, at least")
-    parser.add_argument("--max-delay", type=float, default=3.0, help="seconds after training starts, at most")
+    parser.add_argument("--max-jitter", type=float, default=0.1,
+                        help="each kill lands at a random point of the remaining steps plus up to this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill schedule")
     parser.add_argument("--reference", action="store_true",
                         help="also run the command uninterrupted (run_dir suffixed -reference) and compare")
@@ -56,11 +56,10 @@ def main() -> int:
     signals = [signal.Signals[name.strip().upper()] for name in args.signals.split(",")]
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    report = run_chaos(command, kills=args.kills, signals=signals, min_delay=args.min_delay,
-                       max_delay=args.max_delay, seed=args.seed, env=env)
+    report = run_chaos(command, kills=args.kills, signals=signals, max_jitter=args.max_jitter, seed=args.seed, env=env)
     if args.reference and report.completed:
         reference = [f"{arg}-reference" if arg.startswith("run_dir=") else arg for arg in command]
-        finished = run_attempt(reference, kill_signal=None, kill_after=0.0, env=env)
+        finished = run_attempt(reference, kill_signal=None, env=env)
         if finished.exit_code != 0:
             print(finished.output[-3000:])
             raise SystemExit("error: the reference run failed")

@@ -63,7 +63,7 @@ def assert_same_curve(run_dir: Path, reference_run: Path) -> None:
 def test_kills_at_random_moments_end_bit_identical(tmp_path: Path, reference_run: Path) -> None:
     run_dir = tmp_path / "run"
     report = run_chaos(train_command(run_dir, *EXACT), kills=4, signals=[signal.SIGKILL, signal.SIGTERM],
-                       min_delay=0.0, max_delay=0.8, seed=11, cwd=str(PROJECT_ROOT), env=subprocess_env())
+                       max_jitter=0.02, seed=11, cwd=str(PROJECT_ROOT), env=subprocess_env())
     print(report.summary())
     assert report.completed and report.kills == 4
     assert {a.signal_sent for a in report.attempts[:-1]} == {"SIGKILL", "SIGTERM"}
@@ -78,13 +78,13 @@ def test_kills_at_random_moments_end_bit_identical(tmp_path: Path, reference_run
 def test_sigterm_saves_the_step_reached_and_resumes_with_zero_steps_lost(tmp_path: Path, reference_run: Path) -> None:
     run_dir = tmp_path / "run"
     command = train_command(run_dir, *EXACT)
-    stopped = run_attempt(command, kill_signal=signal.SIGTERM, kill_after=0.3, cwd=str(PROJECT_ROOT),
+    stopped = run_attempt(command, kill_signal=signal.SIGTERM, kill_fraction=0.4, cwd=str(PROJECT_ROOT),
                           env=subprocess_env())
     assert stopped.exit_code == 42, stopped.output[-3000:]
     assert stopped.stopped_at is not None and 0 < stopped.stopped_at < 400
     saved = checkpoint_values(run_dir / "checkpoints" / f"ckpt-{stopped.stopped_at}")
     assert saved["step/.ATTRIBUTES/VARIABLE_VALUE"] == stopped.stopped_at
-    resumed = run_attempt(command, kill_signal=None, kill_after=0.0, cwd=str(PROJECT_ROOT), env=subprocess_env())
+    resumed = run_attempt(command, kill_signal=None, cwd=str(PROJECT_ROOT), env=subprocess_env())
     assert resumed.exit_code == 0 and resumed.resumed_from == stopped.stopped_at  # zero steps redone
     assert compare_checkpoints(final_checkpoint(run_dir), final_checkpoint(reference_run)) == []
     assert_same_curve(run_dir, reference_run)
@@ -97,7 +97,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_with_zero_steps_lost(tmp_pat
 def test_other_stop_signals_and_a_custom_exit_code(tmp_path: Path, sent: signal.Signals, overrides: tuple[str, ...],
                                                   expected_code: int) -> None:
     run_dir = tmp_path / "run"
-    attempt = run_attempt(train_command(run_dir, *EXACT, *overrides), kill_signal=sent, kill_after=0.2,
+    attempt = run_attempt(train_command(run_dir, *EXACT, *overrides), kill_signal=sent, kill_fraction=0.4,
                           cwd=str(PROJECT_ROOT), env=subprocess_env())
     assert attempt.exit_code == expected_code, attempt.output[-3000:]
     assert f"received {sent.name}" in attempt.output
@@ -136,8 +136,8 @@ def test_chaos_script_then_tensorboard_server_shows_one_clean_curve(tmp_path: Pa
     """scripts/chaos.py as a user runs it, then what users see: a real `tensorboard` (default fast
     loader) over its HTTP API, showing each step once although killed processes left stale points."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "scripts/chaos.py", "--kills", "3", "--signals", "SIGKILL", "--min-delay", "0.3",
-               "--max-delay", "0.6", "--seed", "2", "--reference", "--", *train_command(run_dir, *EXACT)]
+    command = [sys.executable, "scripts/chaos.py", "--kills", "3", "--signals", "SIGKILL", "--max-jitter", "0.02",
+               "--seed", "2", "--reference", "--", *train_command(run_dir, *EXACT)]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=subprocess_env(),
                             timeout=600)
     assert_ok(result)
@@ -202,8 +202,8 @@ def test_sigkill_while_checkpoints_are_being_written(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     assert_ok(run_train(reference, *every_step))
     run_dir = tmp_path / "run"
-    report = run_chaos(train_command(run_dir, *every_step), kills=3, signals=[signal.SIGKILL], min_delay=0.0,
-                       max_delay=0.8, seed=4, cwd=str(PROJECT_ROOT), env=subprocess_env())
+    report = run_chaos(train_command(run_dir, *every_step), kills=3, signals=[signal.SIGKILL], max_jitter=0.3,
+                       seed=4, cwd=str(PROJECT_ROOT), env=subprocess_env())
     print(report.summary())
     assert report.completed and report.kills == 3
     for killed, successor in zip(report.attempts, report.attempts[1:]):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -125,6 +128,7 @@ def test_multirun_gives_each_job_its_own_run_directory(tmp_path: Path) -> None:
 def test_progress_bar_on_a_terminal(run_dir: Path) -> None:
     """On a real pseudo-terminal, progress is a bar with rate and ETA rather than log lines."""
     primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     process = subprocess.Popen([sys.executable, str(TRAIN_PY), f"run_dir={run_dir}", "trainer.max_steps=40",
                                 "data.num_examples=1024", "data.eval_examples=128"],
                                stdout=secondary, stderr=secondary, cwd=PROJECT_ROOT, env=subprocess_env())
@@ -148,6 +152,7 @@ def test_progress_bar_on_a_terminal(run_dir: Path) -> None:
 @pytest.mark.parametrize("overrides", [("model=cnn",), ("optimizer=sgd",),
                                        ("optimizer=adamw", "optimizer.schedule.warmup_steps=10")])
 def test_other_groups_train(run_dir: Path, overrides: tuple[str, ...]) -> None:
-    result = run_train(run_dir, *overrides, "trainer.max_steps=20")
+    result = run_train(run_dir, *overrides, "trainer.max_steps=20", "data.num_examples=1024", "data.eval_examples=128",
+                       tiny=False)
     assert_ok(result)
     assert (run_dir / "checkpoints" / "ckpt-20.index").exists()
