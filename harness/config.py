@@ -256,6 +256,24 @@ def register_configs() -> None:
             store.store(group=f"schema/{group}", name=name, node=schema)  # conf/<group>/<name>.yaml extend these
 
 
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The DictConfig `python train.py OVERRIDES` would run on, via Hydra's compose API over conf/.
+
+    For tools and tests outside a running Hydra app: it resets Hydra's global state.
+    """
+    import os
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed view for the rest of the harness
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ Guarantees:
   training set: every epoch is a fresh shuffle, every example is seen once per epoch.
 - Starting at step `k` costs O(1): nothing is replayed. Distributed-dataset iterators cannot be
   checkpointed, so resuming simply rebuilds the pipeline at the restored step.
+- Two ways to produce the same train batches (`data.prefetch`): 0 computes each batch inside the
+  training step from a step counter (`StepIterator`: no tf.data, the least overhead on CPU);
+  N > 0 runs a tf.data pipeline that prepares N batches ahead (overlaps input with compute).
 - Replica `r` of `G` (across all workers) gets positions `[k*B + r*B/G, k*B + (r+1)*B/G)`, so each
   worker reads only its own shard and the global batch is the same for any number of replicas.
 - Eval batches cover the eval split exactly once; padding examples carry weight 0 so every worker
@@ -95,9 +98,7 @@ class SeekableInput:
         def make_batch(element: tf.Tensor) -> Batch:
             step = start_step + element // local_replicas
             replica = context.input_pipeline_id * local_replicas + element % local_replicas
-            first = step * self.global_batch_size + replica * per_replica
-            indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
-            return Batch(tf.gather(features, indices), tf.gather(labels, indices), tf.ones([per_replica], tf.float32))
+            return self.replica_train_batch(features, labels, step=step, replica=replica, per_replica=per_replica)
 
         dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).map(
             make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -122,14 +123,61 @@ class SeekableInput:
         dataset = tf.data.Dataset.range(self.eval_steps * local_replicas).map(make_batch)
         return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
+    def replica_train_batch(self, features: tf.Tensor, labels: tf.Tensor, *, step: tf.Tensor, replica: tf.Tensor,
+                            per_replica: int) -> Batch:
+        """Replica `replica`'s share of global step `step`, gathered from the training arrays (pure TF)."""
+        first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
+        indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
+        return Batch(tf.gather(features, indices), tf.gather(labels, indices), tf.ones([per_replica], tf.float32))
+
     def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
-        """An iterator of per-replica train batches starting at global step `start_step`."""
+        """An iterator of per-replica train batches starting at global step `start_step`.
+
+        With `prefetch` 0 a `StepIterator` (batches computed inside the step), otherwise an
+        iterator over `train_dataset`; both yield the same batches.
+        """
+        if not self.prefetch:
+            return StepIterator(self, strategy, start_step=start_step)
         return iter(strategy.distribute_datasets_from_function(
             lambda context: self.train_dataset(context, start_step=start_step)))
 
     def distributed_eval_dataset(self, strategy: tf.distribute.Strategy):
         """Per-replica eval batches covering the eval split once."""
         return strategy.distribute_datasets_from_function(self.eval_dataset)
+
+
+class StepIterator:
+    """Train batches computed inside the training step from a step counter, without tf.data.
+
+    `next(iterator)`, eagerly or inside a `tf.function`, returns the per-replica batches of global
+    step `position` (as `strategy.run` takes them) and advances `position` by one. Inside a
+    `tf.function` loop the gather runs in the step itself: no pipeline threads or per-element
+    dispatch, which on a CPU-bound host costs less than tf.data's overlap saves (docs/benchmarks.md).
+    """
+
+    def __init__(self, pipeline: SeekableInput, strategy: tf.distribute.Strategy, *, start_step: int) -> None:
+        self._pipeline = pipeline
+        self._strategy = strategy
+        self._per_replica = pipeline.global_batch_size // strategy.num_replicas_in_sync
+        with tf.init_scope(), tf.device("/device:CPU:0"):  # host memory, like a tf.data pipeline
+            self._features = tf.constant(pipeline.examples.train_features)
+            self._labels = tf.constant(pipeline.examples.train_labels)
+            self.position = tf.Variable(start_step, dtype=tf.int64, trainable=False, name="input_position")
+
+    def __iter__(self) -> StepIterator:
+        return self
+
+    def __next__(self):
+        step = self.position.assign_add(1) - 1
+
+        def replica_batch(context: tf.distribute.experimental.ValueContext) -> Batch:
+            # Gather on the host: placed on an accelerator, the op would copy all training arrays there.
+            with tf.device("/device:CPU:0"):
+                return self._pipeline.replica_train_batch(
+                    self._features, self._labels, step=step, replica=context.replica_id_in_sync_group,
+                    per_replica=self._per_replica)
+
+        return self._strategy.experimental_distribute_values_from_function(replica_batch)
 
 
 def build_input(examples: ExampleArrays, config: DataConfig, *, seed: int, num_replicas: int) -> SeekableInput:

@@ -267,7 +267,7 @@ def diff_against_config(prefix: str, overrides: Sequence[str]) -> dict[str, Diff
     """
     from harness import config, data_sources, modeling, optimization, runtime, state
 
-    run = config.to_typed_config(compose(overrides))
+    run = config.to_typed_config(config.compose(overrides))
     runtime.configure_runtime(seed=run.seed, deterministic=False, mixed_precision=run.trainer.mixed_precision)
     examples = data_sources.load_examples(run.data)
     model = modeling.build_model(run.model, input_shape=examples.input_shape, num_classes=examples.num_classes,
@@ -277,21 +277,6 @@ def diff_against_config(prefix: str, overrides: Sequence[str]) -> dict[str, Diff
     expected = expected_variables(train_state.checkpoint_items())
     saved = read_variables(prefix)
     return {group: compare(saved, expected, groups=[group]) for group in GROUPS}
-
-
-def compose(overrides: Sequence[str]):
-    """The DictConfig `python train.py OVERRIDES` would run on (Hydra's compose API over conf/)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from harness.config import register_configs
-
-    register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules built from config.
 
-Owns: `optimizer=adam|adamw|sgd` and `optimizer.schedule`. Schedules are functions of the
-optimizer's iteration count, which is checkpointed, so their position survives restarts without
-any state of their own.
+Owns: `optimizer=adam|adamw|sgd`, `optimizer.schedule` and loss scaling. Schedules are functions
+of the optimizer's iteration count, which is checkpointed, so their position survives restarts
+without any state of their own. Under the `mixed_float16` dtype policy the optimizer is wrapped in
+`keras.optimizers.LossScaleOptimizer` (as `Model.compile` would do); its dynamic loss scale and
+step counter are optimizer variables, so checkpoints carry them too.
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ def build_learning_rate(config: OptimizerConfig, *, max_steps: int) -> LearningR
 
 
 def build_optimizer(config: OptimizerConfig, *, max_steps: int) -> keras.optimizers.Optimizer:
-    """The configured Keras optimizer. Call inside `strategy.scope()`."""
+    """The configured Keras optimizer. Call inside `strategy.scope()`, after `runtime.configure_runtime`.
+
+    Under the global `mixed_float16` policy it comes wrapped in a `LossScaleOptimizer` (float16
+    gradients underflow without loss scaling); `bfloat16` has float32's range and needs none.
+    """
+    optimizer = _build_base_optimizer(config, max_steps=max_steps)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _build_base_optimizer(config: OptimizerConfig, *, max_steps: int) -> keras.optimizers.Optimizer:
     common = {"learning_rate": build_learning_rate(config, max_steps=max_steps),
               "global_clipnorm": config.global_clipnorm}
     if isinstance(config, AdamWConfig):

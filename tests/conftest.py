@@ -48,14 +48,9 @@ def run_train(run_dir: Path, *overrides: str, tiny: bool = True, timeout: float 
 
 def compose(*overrides: str, tiny: bool = True):
     """The composed DictConfig train.py would get, via Hydra's compose API."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from harness.config import compose as compose_config
 
-    from harness.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[*(TINY if tiny else ()), *overrides])
+    return compose_config([*(TINY if tiny else ()), *overrides])
 
 
 def checkpoint_values(path: str | Path) -> dict[str, object]:
