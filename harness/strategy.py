@@ -170,7 +170,7 @@ def _cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
             rpc_layer="grpc")
     raise ConfigError(
         "strategy=multi_worker needs a cluster description: set TF_CONFIG (see scripts/launch_local.py and "
-        "docs/distributed.md) or run train.py inside a Slurm job step (srun)."
+        "README.md, 'GPUs and clusters') or run train.py inside a Slurm job step (srun)."
     )
 
 

@@ -1,4 +1,4 @@
-"""Residual MLP with a custom layer: the worked example of adding a model (see docs/checkpoints.md).
+"""Residual MLP with a custom layer: the worked example of adding a model (see README.md, 'Working with checkpoints').
 
 Adding a model takes this file and `conf/model/residual_mlp.yaml` (whose `_target_` names
 `build_residual_mlp`); nothing in harness/ changes. Use it with `python train.py model=residual_mlp`.
