@@ -249,10 +249,6 @@ class Checkpointer:
         if self._async:
             self._checkpoint.sync()
 
-    def latest_saved_step(self) -> int | None:
-        found = list_checkpoints(self.directory)
-        return found[0][0] if found else None
-
 
 def _name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]

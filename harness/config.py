@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.nodes import BooleanNode
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ExitCode
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -178,7 +178,7 @@ class CheckpointConfig:
 @dataclass
 class PreemptionConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
-    exit_code: int = 42  # exit status after a preemption save; schedulers match it to requeue
+    exit_code: int = int(ExitCode.PREEMPTED)  # exit status after a preemption save; schedulers match it
 
 
 @dataclass

@@ -21,7 +21,6 @@ from typing import Any
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 _TIMESTAMP = re.compile(r"tfevents\.(\d+)\.")
@@ -65,6 +64,8 @@ class Summaries:
         """Record the run's hyperparameters (flattened config) for TensorBoard's HParams tab."""
         if not self.enabled:
             return
+        from tensorboard.plugins.hparams import summary_v2 as hparams_summary  # only fresh runs pay for it
+
         flat = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
                 for key, value in _flatten(config).items()}
         self._write(event_pb2.Event(wall_time=time.time(), step=0, summary=hparams_summary.hparams_pb(flat)))
