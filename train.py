@@ -1,13 +1,15 @@
 """Train a model with fault-tolerant checkpointing: `python train.py model=mlp [key=value ...]`.
 
 Rerunning the same command resumes from the newest intact checkpoint in `checkpoint.dir`.
-Exit codes: 0 done, 2 bad config/data/checkpoint (message printed), `preemption.exit_code`
-(default 42) stopped by a signal after saving, 1 crash (traceback printed).
+Exit codes (the README has the table): 0 done, 1 crash, 2 bad config/data/checkpoint, 3 diverged,
+4 hung or lost a peer, 5 checkpoint storage failing, 6 another run holds checkpoint.dir, 7 crash
+loop refused, `preemption.exit_code` (default 42) stopped by a signal after saving.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,14 +18,17 @@ from omegaconf import DictConfig
 
 from harness.config import register_configs
 
+PROCESS_STARTED = time.time()
+
 
 def train(cfg: DictConfig):
     """The whole run for a composed config; returns the controller's `Outcome`."""
     from harness.config import to_typed_config
 
     run = to_typed_config(cfg)  # config errors surface before TensorFlow is imported
-    from harness import checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
+    from harness import attempt, checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
     from harness import export, preemption, progress, run_dir, runtime, state, strategy, summaries, warm_start
+    from harness import watchdog
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
@@ -37,30 +42,39 @@ def train(cfg: DictConfig):
         optimizer = optimization.build_optimizer(run.optimizer, max_steps=run.trainer.max_steps)
         train_state = state.create_train_state(model, optimizer)
 
-    checkpointer = checkpointing.Checkpointer.from_config(train_state, run.checkpoint, async_save=run.checkpoint_async,
-                                                          is_chief=is_chief)
-    start_step = checkpointer.restore_latest().step  # fails here, before any write, on a mismatch
-    strategy.check_workers_restored_the_same_step(dist, start_step, checkpoint_dir=run.checkpoint.dir)
-    warm_start.warm_start_fresh_run(model, init_from=run.init_from, skip=run.init_from_skip,
-                                    name_map=run.init_from_name_map, resumed_step=start_step)
-    if is_chief:
-        run_dir.write_config_record(run.run_dir, run.resolved)
-        run_dir.write_model_signature(run.run_dir, input_shape=examples.input_shape, num_classes=examples.num_classes)
+    # Lease on checkpoint.dir and crash-loop check first: a refused start writes nothing.
+    with attempt.Attempt(run, is_chief=is_chief, process_started=PROCESS_STARTED) as this_attempt:
+        checkpointer = checkpointing.Checkpointer.from_config(
+            train_state, run.checkpoint, async_save=run.checkpoint_async, is_chief=is_chief,
+            provenance=this_attempt.provenance_text, before_write=this_attempt.before_write)
+        start_step = checkpointer.restore_latest(verify=this_attempt.verify_resume).step  # refuses before any write
+        strategy.check_workers_restored_the_same_step(dist, start_step, checkpoint_dir=run.checkpoint.dir)
+        warm_start.warm_start_fresh_run(model, init_from=run.init_from, skip=run.init_from_skip,
+                                        name_map=run.init_from_name_map, resumed_step=start_step)
+        if is_chief:
+            run_dir.write_config_record(run.run_dir, run.resolved)
+            run_dir.write_model_signature(run.run_dir, input_shape=examples.input_shape,
+                                          num_classes=examples.num_classes)
+        this_attempt.begin(start_step or 0)
 
-    train_loop, eval_loop = loop.build_loops(dist, train_state, pipeline, seed=run.seed,
-                                             jit_compile=run.trainer.jit_compile)
-    with preemption.PreemptionWatcher(run.preemption.signals, exit_code=run.preemption.exit_code) as watcher, \
-            summaries.Summaries(run_dir.tensorboard_dir(run.run_dir), enabled=is_chief,
-                                start_step=start_step or 0) as tensorboard:
-        if start_step is None:
-            tensorboard.hparams(run.resolved)
-        outcome = controller.Controller(
-            strategy=dist, state=train_state, pipeline=pipeline, train_loop=train_loop, eval_loop=eval_loop,
-            checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,
-            progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
-                                       max_steps=run.trainer.max_steps, enabled=is_chief),
-            watcher=watcher, trainer=run.trainer,
-        ).run()
+        train_loop, eval_loop = loop.build_loops(dist, train_state, pipeline, seed=run.seed,
+                                                 jit_compile=run.trainer.jit_compile,
+                                                 steps_per_loop=run.trainer.steps_per_loop)
+        with preemption.PreemptionWatcher(run.preemption.signals, exit_code=run.preemption.exit_code) as watcher, \
+                summaries.Summaries(run_dir.tensorboard_dir(run.run_dir), enabled=is_chief,
+                                    start_step=start_step or 0) as tensorboard, \
+                watchdog.Watchdog(run.watchdog, on_hang=this_attempt.record_hang) as hang_watchdog:
+            if start_step is None:
+                tensorboard.hparams(run.resolved)
+            tensorboard.scalars(start_step or 0, this_attempt.accounting.record.scalars())
+            outcome = controller.Controller(
+                strategy=dist, state=train_state, pipeline=pipeline, train_loop=train_loop, eval_loop=eval_loop,
+                checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,
+                progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
+                                           max_steps=run.trainer.max_steps, enabled=is_chief),
+                watcher=watcher, trainer=run.trainer, watchdog=hang_watchdog, attempt=this_attempt,
+            ).run()
+        this_attempt.finish(outcome.status.value, step=outcome.step)
     export.export_finished_run(model, run.export, status=outcome.status, is_chief=is_chief)
     return outcome
 

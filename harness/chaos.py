@@ -181,7 +181,8 @@ def compare_checkpoints(first: str | Path, second: str | Path) -> list[str]:
     import tensorflow as tf
 
     readers = [tf.train.load_checkpoint(str(path)) for path in (first, second)]
-    bookkeeping = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}  # not training state
+    bookkeeping = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE",  # not training state
+                   "provenance/.ATTRIBUTES/VARIABLE_VALUE"}
     names = [set(r.get_variable_to_shape_map()) - bookkeeping for r in readers]
     differing = sorted(names[0] ^ names[1])
     for name in sorted(names[0] & names[1]):

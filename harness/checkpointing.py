@@ -12,9 +12,15 @@ reported when one does not fit the model. Guarantees:
   must be used: otherwise a `CheckpointError` lists the differences, before anything is written.
 - Restoring never writes to the checkpoint directory; a run that fails at start-up leaves it as
   it was.
-- Only the chief writes to `checkpoint.dir`. Other workers of a multi-worker job must take part
-  in every save (the values are gathered collectively) and write to a private temporary
-  directory that is deleted after each save.
+- Only the chief writes to `checkpoint.dir`, and only while `before_write` (the lease check)
+  passes. Other workers of a multi-worker job must take part in every save (the values are
+  gathered collectively) and write to a private temporary directory deleted after each save.
+- Every checkpoint also holds `provenance` (harness/provenance.py): the config and versions that
+  wrote it. `restore_latest(verify=...)` shows it to the caller before restoring anything.
+- A failed write (disk full, permission lost, a flaky network filesystem) leaves no file of that
+  checkpoint behind and is retried after a backoff that doubles; after
+  `checkpoint.max_consecutive_failures` failed attempts in a row, `StorageError`. Earlier
+  checkpoints are never touched by a failed write.
 """
 
 from __future__ import annotations
@@ -25,14 +31,17 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import keras
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 from harness.config import CheckpointConfig
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, StorageError
+from harness.provenance import from_text
 from harness.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "ckpt"
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _BOOKKEEPING_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter" + _SUFFIX)
+PROVENANCE_KEY = "provenance" + _SUFFIX  # not training state: which config and versions wrote the checkpoint
+# What a failed write raises: OSError from Python-level file operations, OpErrors from TensorFlow's.
+_WRITE_ERRORS = (OSError, tf.errors.OpError)
+_MAX_BACKOFF_SECONDS = 60.0
 # What reading a damaged checkpoint raises in TF 2.21: OpErrors (DataLoss, NotFound, OutOfRange), an
 # IndexError for a short read of the object graph, a DecodeError for a garbled object graph.
 _READ_ERRORS = (tf.errors.OpError, IndexError, DecodeError)
@@ -72,6 +85,17 @@ def variable_shapes(path: str) -> dict[str, list[int]]:
     reader = tf.compat.v1.train.NewCheckpointReader(path)  # a prefix; load_checkpoint also takes dirs
     return {_display_name(name): shape for name, shape in reader.get_variable_to_shape_map().items()
             if name not in _BOOKKEEPING_KEYS}
+
+
+def read_provenance(path: str) -> dict[str, Any] | None:
+    """The provenance record inside a checkpoint, or None if it has none (or it is unreadable)."""
+    try:
+        reader = tf.compat.v1.train.NewCheckpointReader(path)
+        if not reader.has_tensor(PROVENANCE_KEY):
+            return None
+        return from_text(reader.get_tensor(PROVENANCE_KEY))
+    except (*_READ_ERRORS, ValueError):
+        return None
 
 
 def _display_name(key: str) -> str:
@@ -107,12 +131,27 @@ class Checkpointer:
         keep_every_hours: float | None,
         async_save: bool,
         is_chief: bool,
+        provenance: str = "{}",
+        max_consecutive_failures: int = 5,
+        retry_backoff_seconds: float = 1.0,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self.directory = directory
         self.is_chief = is_chief
-        self._checkpoint = tf.train.Checkpoint(**backing_variables(state.checkpoint_items()))
+        with tf.init_scope():  # a plain host variable, outside any strategy scope
+            self._provenance = tf.Variable(provenance, dtype=tf.string, trainable=False, name="provenance")
+        self._provenance_text = provenance
+        self._items = {**backing_variables(state.checkpoint_items()), "provenance": self._provenance}
+        self._checkpoint = tf.train.Checkpoint(**self._items)
         _ = self._checkpoint.save_counter  # created lazily; must exist for restores to consume it
         self._state = state
+        self.max_consecutive_failures = max_consecutive_failures
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.before_write = before_write
+        self.consecutive_failures = 0
+        self.total_failures = 0  # failed write attempts in this process, for TensorBoard
+        self._last_saved_step: int | None = None
+        self._step_existed = False  # whether the checkpoint being written existed before
         self._options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=async_save)
         self._async = async_save
         # Non-chief workers: a private path that each save creates and then deletes, so a worker
@@ -123,20 +162,26 @@ class Checkpointer:
         self._manager_settings = {"max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_every_hours}
 
     @classmethod
-    def from_config(cls, state: TrainState, config: CheckpointConfig, *, async_save: bool,
-                    is_chief: bool) -> Checkpointer:
+    def from_config(cls, state: TrainState, config: CheckpointConfig, *, async_save: bool, is_chief: bool,
+                    provenance: str = "{}", before_write: Callable[[], None] | None = None) -> Checkpointer:
         return cls(state, directory=config.dir, max_to_keep=config.max_to_keep,
-                   keep_every_hours=config.keep_every_hours, async_save=async_save, is_chief=is_chief)
+                   keep_every_hours=config.keep_every_hours, async_save=async_save, is_chief=is_chief,
+                   provenance=provenance, max_consecutive_failures=config.max_consecutive_failures,
+                   retry_backoff_seconds=config.retry_backoff_seconds, before_write=before_write)
 
     # -- restore -----------------------------------------------------------------------------------
-    def restore_latest(self) -> RestoreResult:
+    def restore_latest(self, *, verify: Callable[[str, dict[str, Any] | None], None] | None = None,
+                       max_step: int | None = None, exclude: frozenset[int] = frozenset()) -> RestoreResult:
         """Restore the newest intact checkpoint of `directory`, or leave the state fresh if none exist.
 
-        Raises `CheckpointError` if checkpoints exist but none can be read (starting over would
-        overwrite them), or if one is readable but does not match the state (wrong config).
+        `verify(path, provenance)` sees the chosen checkpoint's provenance before anything is
+        restored and may raise to refuse it. `max_step` and `exclude` limit the candidates (for
+        rollbacks). Raises `CheckpointError` if checkpoints exist but none can be read (starting
+        over would overwrite them), or if one is readable but does not match the state.
         """
         try:
-            candidates = list_checkpoints(self.directory)
+            candidates = [(step, path) for step, path in list_checkpoints(self.directory)
+                          if (max_step is None or step <= max_step) and step not in exclude]
         except tf.errors.OpError as error:
             raise CheckpointError(
                 f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
@@ -148,9 +193,11 @@ class Checkpointer:
                 skipped.append(path)
                 log.warning("checkpoint %s is unreadable (%s); trying an older one", _name(path), _short(error))
                 continue
+            if verify is not None:
+                verify(path, read_provenance(path))
             status = None
             try:
-                status = self._checkpoint.read(path)
+                status = self._reader_for(saved_shapes).read(path)
                 status.assert_consumed()
             except _READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
                 skipped.append(path)
@@ -160,6 +207,7 @@ class Checkpointer:
                 if status is not None:
                     status.expect_partial()  # we report the differences ourselves
                 raise CheckpointError(self._mismatch_report(path, saved_shapes, str(error))) from None
+            self._provenance.assign(self._provenance_text)  # from now on, checkpoints record this process
             restored_step = int(self._state.step.numpy())
             if restored_step != step:
                 log.warning("checkpoint %s holds step %d; resuming from the step it holds", _name(path), restored_step)
@@ -178,6 +226,14 @@ class Checkpointer:
         log.info("no checkpoint in %s: starting from step 0", self.directory)
         self._remove_abandoned_writes()
         return RestoreResult(step=None, path=None)
+
+    def _reader_for(self, saved_shapes: dict[str, list[int]]) -> tf.train.Checkpoint:
+        """The checkpoint object to restore with: without `provenance` for checkpoints that lack it."""
+        if "provenance" in saved_shapes:
+            return self._checkpoint
+        reader = tf.train.Checkpoint(**{key: value for key, value in self._items.items() if key != "provenance"})
+        _ = reader.save_counter  # consumes the checkpoint's counter, as for `_checkpoint`
+        return reader
 
     def _remove_abandoned_writes(self) -> None:
         """Delete what writes a kill interrupted left: `ckpt-N_temp*` directories, and data files
@@ -236,18 +292,98 @@ class Checkpointer:
         return self._manager
 
     def save(self, step: int) -> float:
-        """Save the state as `ckpt-<step>`; return the seconds training was blocked by the save."""
+        """Save the state as `ckpt-<step>`; return the seconds training was blocked by the save.
+
+        A failed attempt is retried after a doubling backoff. Raises `StorageError` after
+        `max_consecutive_failures` failed attempts in a row, and whatever `before_write` raises.
+        """
         started = time.perf_counter()
-        self.manager.save(checkpoint_number=step, options=self._options)
-        if not self.is_chief:
-            self.wait()
-            shutil.rmtree(self._write_directory, ignore_errors=True)
-        return time.perf_counter() - started
+        while True:
+            if self.before_write is not None:
+                self.before_write()
+            self._step_existed = self._exists(step)
+            try:
+                self.manager.save(checkpoint_number=step, options=self._options)
+                if not self.is_chief:
+                    self.wait()
+                    shutil.rmtree(self._write_directory, ignore_errors=True)
+            except _WRITE_ERRORS as error:
+                self._write_failed(error, step=step)
+                continue
+            self.consecutive_failures = 0
+            self._last_saved_step = step
+            return time.perf_counter() - started
 
     def wait(self) -> None:
-        """Block until an in-flight async save has been written and recorded."""
-        if self._async:
+        """Block until an in-flight async save has been written and recorded.
+
+        If that write failed, it is written again (synchronously, with the retries of `save`):
+        call this only while the state is still at the step of the last save.
+        """
+        if not self._async:
+            return
+        try:
             self._checkpoint.sync()
+        except _WRITE_ERRORS as error:
+            self._write_failed(error, step=self._last_saved_step)
+            if self._last_saved_step is not None:
+                self._save_synchronously(self._last_saved_step)
+
+    def discard_pending_write(self) -> None:
+        """Wait for an in-flight async save; a failure is logged, not retried (the state moved on)."""
+        if self._async:
+            try:
+                self._checkpoint.sync()
+            except _WRITE_ERRORS as error:
+                self._write_failed(error, step=self._last_saved_step)
+
+    def _save_synchronously(self, step: int) -> None:
+        options, self._options = self._options, tf.train.CheckpointOptions()
+        try:
+            self.save(step)
+        finally:
+            self._options = options
+
+    def _write_failed(self, error: BaseException, *, step: int | None) -> None:
+        """Count a failed write, remove what it left, then back off or give up with `StorageError`."""
+        self.consecutive_failures += 1
+        self.total_failures += 1
+        if step is not None:
+            self._remove_failed_write(step)
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            raise StorageError(
+                f"Saving checkpoint {CHECKPOINT_NAME}-{step} to checkpoint.dir '{self.directory}' failed "
+                f"{self.consecutive_failures} times in a row (checkpoint.max_consecutive_failures), last with: "
+                f"{_short(error)}. The run stops here; every earlier checkpoint is intact and the next run resumes "
+                "from the newest one. Check free space and permissions of the checkpoint directory.") from None
+        backoff = min(self.retry_backoff_seconds * 2 ** (self.consecutive_failures - 1), _MAX_BACKOFF_SECONDS)
+        log.warning("saving checkpoint %s-%s failed (%s); attempt %d of %d, retrying in %.1f s", CHECKPOINT_NAME, step,
+                    _short(error), self.consecutive_failures, self.max_consecutive_failures, backoff)
+        time.sleep(backoff)
+
+    def _exists(self, step: int) -> bool:
+        try:
+            return tf.io.gfile.exists(f"{self._write_directory.rstrip('/')}/{CHECKPOINT_NAME}-{step}.index")
+        except _WRITE_ERRORS:
+            return False
+
+    def _remove_failed_write(self, step: int) -> None:
+        """Delete the files a failed write of `ckpt-<step>` left, so no partial checkpoint is ever listed.
+
+        A checkpoint of that step that existed before the write began (a rollback replays steps) is
+        left alone: a failed write never deletes anything saved earlier.
+        """
+        prefix = f"{self._write_directory.rstrip('/')}/{CHECKPOINT_NAME}-{step}"
+        try:
+            globs = [f"{prefix}_temp*"] if self._step_existed else [f"{prefix}.*", f"{prefix}_temp*"]
+            for leftover in [path for pattern in globs for path in tf.io.gfile.glob(pattern)]:
+                if tf.io.gfile.isdir(leftover):
+                    tf.io.gfile.rmtree(leftover)
+                else:
+                    tf.io.gfile.remove(leftover)
+        except _WRITE_ERRORS as error:  # a read-only filesystem cannot have partial files of ours either
+            log.warning("could not remove the files of the failed write of %s-%d: %s", CHECKPOINT_NAME, step,
+                        _short(error))
 
 
 def _name(path: str) -> str:

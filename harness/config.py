@@ -11,13 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.nodes import BooleanNode
 
-from harness.errors import ConfigError, ExitCode
+from harness.errors import RESERVED_EXIT_CODES, ConfigError, ExitCode
+
+
+def parse_signals(names: list[str]) -> list[signal.Signals]:
+    """Signal names ('SIGTERM', 'USR1', ...) to signals; `ConfigError` names an unknown one."""
+    parsed = []
+    for name in names:
+        canonical = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+        if canonical in ("SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, canonical):
+            raise ConfigError(
+                f"Config key 'preemption.signals' contains {name!r}: expected catchable signal names "
+                "such as SIGTERM, SIGINT, SIGUSR1 (SIGKILL and SIGSTOP cannot be handled)."
+            )
+        parsed.append(signal.Signals[canonical])
+    return parsed
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -164,6 +179,14 @@ class TrainerConfig:
     progress: str = "auto"  # auto (bar on a TTY, log lines otherwise) | bar | log | none
     jit_compile: bool = False  # XLA-compile the training loop
     mixed_precision: str | None = None  # None | mixed_float16 | mixed_bfloat16
+    # Divergence rollback (harness/divergence.py): a step whose loss is NaN/Inf or above the bound
+    # restores an earlier checkpoint and skips the batches before it, at most max_rollbacks times.
+    loss_upper_bound: float | None = None  # a step loss above this counts as divergence; None = NaN/Inf only
+    max_rollbacks: int = 3  # then the run stops with exit code 3 (not the preemption code)
+    rollback_skip_batches: int = 10  # batches skipped, ending with the first diverged step's batch
+    # Restart accounting (harness/run_record.py): refuse to start after this many crashes in a row
+    # at the same step, so a scheduler's retry loop on a deterministic bug ends. 0 = never refuse.
+    max_crash_restarts: int = 3
 
 
 @dataclass
@@ -172,6 +195,11 @@ class CheckpointConfig:
     every_steps: int = 200  # steps between checkpoints; a final one is always written
     max_to_keep: int = 3  # newest checkpoints kept; >= 2 leaves a fallback if one is corrupted
     keep_every_hours: float | None = None  # additionally keep one checkpoint per this period
+    # A failed write (disk full, permission lost, a flaky network filesystem) is retried after
+    # retry_backoff_seconds, doubling each time; after this many failed attempts in a row the run
+    # stops with exit code 5, every earlier checkpoint intact.
+    max_consecutive_failures: int = 5
+    retry_backoff_seconds: float = 1.0
     # `async` (bool, default false) is added in `_schema_node`: it is a Python keyword.
 
 
@@ -179,6 +207,37 @@ class CheckpointConfig:
 class PreemptionConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     exit_code: int = int(ExitCode.PREEMPTED)  # exit status after a preemption save; schedulers match it
+
+
+@dataclass
+class LeaseConfig:
+    """One writer per checkpoint.dir (harness/lease.py): a lease file renewed while training."""
+
+    enabled: bool = True
+    # A new run takes over a lease not renewed for this long (so after a SIGKILL on another host, a
+    # restart waits at most this); a run that sees the lease renewed refuses to start.
+    expiry_seconds: float = 60.0
+    renew_seconds: float = 10.0  # how often the holder renews it; keep well below expiry_seconds
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang detection (harness/watchdog.py): a train loop, eval or save that takes far longer than
+    it has so far dumps every thread's stack and exits with code 4, so the scheduler restarts it."""
+
+    enabled: bool = True
+    factor: float = 10.0  # hung = slower than this many times the slowest so far (per step for training)
+    min_seconds: float = 300.0  # never declared hung sooner than this
+    first_call_seconds: float = 1800.0  # the first train loop, eval and save also trace and compile
+
+
+@dataclass
+class ResumeConfig:
+    """What a resumed run may change (harness/provenance.py)."""
+
+    # Keys (or globs such as optimizer.*) allowed to differ from the checkpoint's config although
+    # they change what is trained, e.g. [optimizer.learning_rate]. Changes are logged either way.
+    allow_config_change: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,6 +260,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     # Warm start (harness/warm_start.py): model weights only, optimizer fresh, step 0. Ignored when
     # checkpoint.dir already holds checkpoints: resuming beats warm-starting.
     init_from: str | None = None  # a run_dir, a checkpoint prefix, a TF1 Saver checkpoint or a .weights.h5
@@ -295,6 +357,10 @@ class RunConfig:
     preemption: PreemptionConfig
     resolved: dict[str, Any]  # the whole resolved config, for the record in run_dir and hparams
     export: ExportConfig = field(default_factory=ExportConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    overrides: tuple[str, ...] = ()  # the command-line overrides, for provenance
     init_from: str | None = None  # warm start source (see Config)
     init_from_skip: tuple[str, ...] = ()
     init_from_name_map: dict[str, str] = field(default_factory=dict)
@@ -327,6 +393,10 @@ def to_typed_config(cfg: DictConfig) -> RunConfig:
         preemption=_from_dict(PreemptionConfig, resolved["preemption"]),
         resolved=resolved,
         export=_from_dict(ExportConfig, resolved["export"]),
+        lease=_from_dict(LeaseConfig, resolved["lease"]),
+        watchdog=_from_dict(WatchdogConfig, resolved["watchdog"]),
+        resume=_from_dict(ResumeConfig, resolved["resume"]),
+        overrides=_command_line_overrides(),
         init_from=resolved["init_from"],
         init_from_skip=tuple(resolved["init_from_skip"]),
         init_from_name_map=dict(resolved["init_from_name_map"]),
@@ -341,7 +411,15 @@ def _group_prefix(schema: type) -> str:
             return f"{group}."
     return {StrategyConfig: "strategy.", TrainerConfig: "trainer.", CheckpointConfig: "checkpoint.",
             PreemptionConfig: "preemption.", ScheduleConfig: "optimizer.schedule.",
-            ExportConfig: "export."}.get(schema, "")
+            ExportConfig: "export.", LeaseConfig: "lease.", WatchdogConfig: "watchdog.",
+            ResumeConfig: "resume."}.get(schema, "")
+
+
+def _command_line_overrides() -> tuple[str, ...]:
+    """The overrides of the running Hydra job (empty outside one, e.g. under `compose`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ()
 
 
 def _group_schema(group: str, resolved: dict[str, Any]) -> type:
@@ -420,9 +498,31 @@ def validate(run: RunConfig) -> None:
              "one of auto, ring, nccl")
     _require(st.peer_timeout_seconds > 0, "strategy.peer_timeout_seconds", st.peer_timeout_seconds,
              "a positive number of seconds")
+    _require(t.loss_upper_bound is None or t.loss_upper_bound > 0, "trainer.loss_upper_bound", t.loss_upper_bound,
+             "null or a positive loss")
+    _require(t.max_rollbacks >= 0, "trainer.max_rollbacks", t.max_rollbacks, "0 (never roll back) or more")
+    _require(t.rollback_skip_batches >= 1, "trainer.rollback_skip_batches", t.rollback_skip_batches,
+             "a positive number of batches")
+    _require(t.max_crash_restarts >= 0, "trainer.max_crash_restarts", t.max_crash_restarts,
+             "0 (never refuse) or a positive number of crashes")
+    _require(c.max_consecutive_failures >= 1, "checkpoint.max_consecutive_failures", c.max_consecutive_failures,
+             "a positive number of failed save attempts")
+    _require(c.retry_backoff_seconds >= 0, "checkpoint.retry_backoff_seconds", c.retry_backoff_seconds,
+             "0 or more seconds")
     p = run.preemption
-    _require(1 <= p.exit_code <= 255 and p.exit_code not in (1, 2), "preemption.exit_code", p.exit_code,
-             "an exit status in 3..255 (0, 1 and 2 mean success, crash and config error)")
+    parse_signals(p.signals)
+    reserved = sorted(RESERVED_EXIT_CODES)
+    _require(1 <= p.exit_code <= 255 and p.exit_code not in RESERVED_EXIT_CODES, "preemption.exit_code", p.exit_code,
+             f"an exit status in 1..255 other than {reserved} (the harness's own exit codes, see the README)")
+    lease = run.lease
+    _require(lease.renew_seconds > 0, "lease.renew_seconds", lease.renew_seconds, "a positive number of seconds")
+    _require(lease.expiry_seconds >= 2 * lease.renew_seconds, "lease.expiry_seconds", lease.expiry_seconds,
+             f"at least twice lease.renew_seconds ({lease.renew_seconds}), so one late renewal is not a takeover")
+    w = run.watchdog
+    _require(w.factor > 1, "watchdog.factor", w.factor, "a number greater than 1")
+    _require(w.min_seconds > 0, "watchdog.min_seconds", w.min_seconds, "a positive number of seconds")
+    _require(w.first_call_seconds > 0, "watchdog.first_call_seconds", w.first_call_seconds,
+             "a positive number of seconds")
     _require(run.init_from is None or bool(run.init_from.strip()), "init_from", run.init_from,
              "null or a run_dir, checkpoint prefix or .weights.h5 path")
     _require(not run.export.enabled or bool(run.export.dir), "export.dir", run.export.dir, "a directory path")

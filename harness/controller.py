@@ -1,10 +1,14 @@
 """The outer loop: runs inner loops and does every side effect between them.
 
-Owns: the global step as the loop sees it, when to log, evaluate, checkpoint and stop. Each inner
-loop runs exactly up to the next event boundary (log, eval, checkpoint, `max_steps`), so events
-happen at exact steps whatever `steps_per_loop` is. Order at a boundary: metrics -> eval ->
-flush summaries -> checkpoint -> preemption check, so that a checkpoint at step `s` implies that
-every summary up to `s` is on disk.
+Owns: the global step as the loop sees it, when to log, evaluate, checkpoint, roll back and stop.
+Each inner loop runs exactly up to the next event boundary (log, eval, checkpoint, `max_steps`, a
+pending batch skip), so events happen at exact steps whatever `steps_per_loop` is. After every
+inner loop: divergence check -> metrics -> eval -> flush summaries -> stop agreement ->
+checkpoint -> stop. So a checkpoint at step `s` implies that every summary up to `s` is on disk
+and that no step up to `s` diverged: every checkpoint is a good one to roll back to.
+Stopping: a stop signal saves then exits with the preemption code; a lost lease exits without
+writing (`LeaseConflictError`); divergence beyond `trainer.max_rollbacks` raises `DivergedError`.
+Every inner loop, eval and save runs under the hang watchdog.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from harness.attempt import Attempt
 from harness.checkpointing import Checkpointer
 from harness.config import TrainerConfig
 from harness.data import SeekableInput
+from harness.divergence import RollbackPlan, first_divergence, plan_rollback
+from harness.errors import DivergedError, LeaseConflictError
+from harness.lease import Lease
 from harness.loop import EvalLoop, TrainLoop
 from harness.optimization import current_learning_rate
 from harness.preemption import PreemptionWatcher, StopAgreement
 from harness.progress import Progress
 from harness.state import TrainState
 from harness.summaries import Summaries
+from harness.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,26 @@ class Controller:
     progress: Progress
     watcher: PreemptionWatcher
     trainer: TrainerConfig
+    watchdog: Watchdog
+    attempt: Attempt  # the lease (chief) and the run record
+
+    def __post_init__(self) -> None:
+        self.step = int(self.state.step.numpy())
+        self._pending_skips: list[RollbackPlan] = []  # rollbacks whose batch skip lies ahead
+        self._stale_steps: set[int] = set()  # checkpoints of a trajectory a rollback abandoned
+
+    @property
+    def step(self) -> int:
+        """The step reached: kept in the attempt, which records it if the process crashes or hangs."""
+        return self.attempt.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.attempt.step = value
+
+    @property
+    def lease(self) -> Lease | None:
+        return self.attempt.lease
 
     def run(self) -> Outcome:
         try:
@@ -70,27 +99,47 @@ class Controller:
             self.progress.close()
 
     def _run(self) -> Outcome:
-        step = int(self.state.step.numpy())
+        step = self.step
         max_steps = self.trainer.max_steps
         if step >= max_steps:
             log.info("training already complete: the checkpoint is at step %d and trainer.max_steps is %d; "
                      "nothing to do (raise trainer.max_steps to train further)", step, max_steps)
             return Outcome(Status.ALREADY_COMPLETE, step, 0, {})
         agreement = StopAgreement(self.strategy)
-        iterator = self.pipeline.distributed_train_iterator(self.strategy, start_step=step)
+        iterator = self._iterator()
         window_start, window_time, metrics = step, time.perf_counter(), {}
         while step < max_steps:
             num_steps = self._steps_until_next_event(step)
-            self.train_loop(iterator, tf.constant(num_steps, tf.int64))
+            with self.watchdog.phase("train", units=num_steps):
+                self.train_loop(iterator, tf.constant(num_steps, tf.int64))
+                losses = self.train_loop.step_losses.read(num_steps)  # collective: every worker sees the same
+                lease_lost_here = self.lease is not None and self.lease.lost
+                stop, lease_lost = agreement.any_of([self.watcher.requested, lease_lost_here])
+            divergence = first_divergence(losses, first_step=step, upper_bound=self.trainer.loss_upper_bound)
+            if divergence is not None:
+                step = self._roll_back(plan_rollback(divergence, skip_batches=self.trainer.rollback_skip_batches))
+                iterator = self._iterator()
+                window_start, window_time = step, time.perf_counter()
+                continue
             step += num_steps
+            self.step = step
             self.progress.advance(step)
+            if lease_lost:
+                raise LeaseConflictError(self.lease.lost_message() if self.lease else "The chief lost its lease on "
+                                         "checkpoint.dir; every worker stops without writing.")
             if step % self.trainer.log_every == 0 or step == max_steps:
-                metrics = self._log_train(step, steps=step - window_start, seconds=time.perf_counter() - window_time)
+                seconds = time.perf_counter() - window_time
+                # Recorded before it is printed: a step anyone saw reached is in the run record.
+                self.attempt.accounting.progress(step, seconds_per_step=seconds / max(step - window_start, 1))
+                metrics = self._log_train(step, steps=step - window_start, seconds=seconds)
                 window_start = step
             if self._eval_due(step):
                 metrics.update(self.evaluate(step))
-            stop = agreement.should_stop(self.watcher.requested)
-            if step % self.checkpoint_every == 0 or step == max_steps or stop:
+            skip_now = bool(self._pending_skips) and self._pending_skips[0].skip_from_step == step
+            if skip_now:
+                self._apply_skip(self._pending_skips.pop(0))
+                iterator = self._iterator()
+            if step % self.checkpoint_every == 0 or step == max_steps or stop or skip_now:
                 self._save(step)
             if stop:
                 self.checkpointer.wait()
@@ -102,12 +151,65 @@ class Controller:
         self.checkpointer.wait()
         return Outcome(Status.COMPLETED, step, 0, metrics)
 
+    def _iterator(self):
+        return self.pipeline.distributed_train_iterator(self.strategy, start_step=self.state.batch_index)
+
     def _steps_until_next_event(self, step: int) -> int:
         boundaries = [self.trainer.max_steps, _next_multiple(step, self.trainer.log_every),
                       _next_multiple(step, self.checkpoint_every), step + self.trainer.steps_per_loop]
         if self.trainer.eval_every:
             boundaries.append(_next_multiple(step, self.trainer.eval_every))
+        boundaries += [plan.skip_from_step for plan in self._pending_skips if plan.skip_from_step > step]
         return min(boundaries) - step
+
+    # -- divergence rollback -------------------------------------------------------------------------
+    def _roll_back(self, plan: RollbackPlan) -> int:
+        """Restore the newest good checkpoint at or before the plan's skip step; return its step."""
+        divergence, done = plan.divergence, int(self.state.rollbacks.numpy())
+        self.summaries.scalars(divergence.step, {"faults/diverged_loss": divergence.loss})
+        if done >= self.trainer.max_rollbacks:
+            raise DivergedError(
+                f"Training diverged: {divergence.describe()}, after {done} rollbacks already "
+                f"(trainer.max_rollbacks={self.trainer.max_rollbacks}). Stopping without saving; the newest "
+                f"checkpoint (step <= {divergence.step}) is intact. Lower optimizer.learning_rate, add "
+                "optimizer.global_clipnorm, or check the data around this step, then rerun (raise "
+                "trainer.max_rollbacks to keep trying).")
+        self.checkpointer.discard_pending_write()
+        restore_before = plan.skip_from_step
+        previous_steps = {step for step, _ in self._checkpoint_steps()}
+        restored = self.checkpointer.restore_latest(max_step=restore_before, exclude=frozenset(self._stale_steps))
+        if restored.step is None:
+            raise DivergedError(
+                f"Training diverged: {divergence.describe()}, and no checkpoint at or before step {restore_before} "
+                f"exists to roll back to (trainer.rollback_skip_batches={plan.skip_batches}). Stopping; lower "
+                "checkpoint.every_steps so that a rollback has somewhere to go, or fix the cause (learning rate, "
+                "data).")
+        self.state.rollbacks.assign(done + 1)
+        self._stale_steps |= {step for step in previous_steps if step > restored.step}
+        self._pending_skips = sorted([p for p in self._pending_skips if p.skip_from_step > restored.step] + [plan],
+                                     key=lambda p: p.skip_from_step)
+        self.train_loop.metrics.read_and_reset()  # sums of the abandoned steps
+        self.summaries.restart_at(restored.step)
+        self.summaries.scalars(divergence.step, {"faults/rollbacks": done + 1})
+        self.attempt.accounting.rollback()
+        log.warning("rollback %d of %d: %s; restored checkpoint %s at step %d; replaying to step %d, then skipping "
+                    "%d batches", done + 1, self.trainer.max_rollbacks, divergence.describe(), restored.path,
+                    restored.step, plan.skip_from_step, plan.skip_batches)
+        self.step = restored.step
+        self.progress.advance(restored.step)
+        if plan.skip_from_step == restored.step:
+            self._apply_skip(self._pending_skips.pop(0))
+        return restored.step
+
+    def _apply_skip(self, plan: RollbackPlan) -> None:
+        self.state.skipped_batches.assign_add(plan.skip_batches)
+        log.info("skipping %d batches at step %d (rollback for %s)", plan.skip_batches, plan.skip_from_step,
+                 plan.divergence.describe())
+
+    def _checkpoint_steps(self) -> list[tuple[int, str]]:
+        from harness.checkpointing import list_checkpoints
+
+        return list_checkpoints(self.checkpointer.directory)
 
     def _eval_due(self, step: int) -> bool:
         return step == self.trainer.max_steps or bool(self.trainer.eval_every and step % self.trainer.eval_every == 0)
@@ -133,7 +235,8 @@ class Controller:
     def evaluate(self, step: int) -> dict[str, float]:
         """Loss and accuracy over the whole eval split at the current weights."""
         started = time.perf_counter()
-        self.eval_loop(self.pipeline.distributed_eval_dataset(self.strategy))
+        with self.watchdog.phase("eval"):
+            self.eval_loop(self.pipeline.distributed_eval_dataset(self.strategy))
         sums = self.eval_loop.metrics.read_and_reset()
         results = {"eval_loss": sums["loss"] / sums["examples"], "eval_accuracy": sums["correct"] / sums["examples"]}
         self.summaries.scalars(step, {"eval/loss": results["eval_loss"], "eval/accuracy": results["eval_accuracy"]})
@@ -143,6 +246,12 @@ class Controller:
 
     def _save(self, step: int) -> None:
         self.summaries.flush()
-        blocked = self.checkpointer.save(step)
+        failures_before = self.checkpointer.total_failures
+        with self.watchdog.phase("save"):
+            blocked = self.checkpointer.save(step)
+        self._stale_steps.discard(step)
         self.summaries.scalars(step, {"perf/checkpoint_save_seconds": blocked})
+        if self.checkpointer.total_failures > failures_before:
+            self.summaries.scalars(step, {"faults/checkpoint_write_failures": self.checkpointer.total_failures})
+        self.attempt.accounting.progress(step)
         self.progress.message(f"saved checkpoint ckpt-{step} ({blocked:.2f}s)")

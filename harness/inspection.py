@@ -2,7 +2,8 @@
 
 Owns: turning a user-given path (a run directory, a checkpoint directory or one checkpoint's prefix)
 into checkpoints; the intact check (every tensor read back, so TensorFlow verifies each one's
-checksum); the variable table of a checkpoint, grouped model / optimizer / training state; and the
+checksum); the variable table of a checkpoint, grouped model / optimizer / training state; its
+provenance record and the run's restart record, for people; and the
 comparison of a checkpoint with the variables of a model (and optimizer) built from a config: what
 would not restore. Nothing here writes to the checkpoint directory. `scripts/inspect_checkpoint.py`
 is the command line over this module; `harness/inference.py` and `harness/warm_start.py` use its
@@ -181,6 +182,8 @@ class Variable:
     @property
     def group(self) -> str:
         head = self.name.split("/", 1)[0]
+        if head == "provenance":
+            return "provenance"  # metadata (harness/provenance.py), not training state
         return head if head in ("model", "optimizer") else "training state"
 
 
@@ -318,6 +321,43 @@ def format_difference(prefix: str, overrides: Sequence[str], differences: Mappin
     resume_ok = all(d.empty() for d in differences.values())
     lines.append(f"resume with this config (train.py): {'would restore' if resume_ok else 'would FAIL'}")
     lines.append(f"load() / init_from model weights: {'would restore' if model_ok else 'would FAIL'}")
+    return lines
+
+
+def format_provenance(prefix: str) -> list[str]:
+    """What wrote the checkpoint: versions, command-line overrides and a few key settings."""
+    from harness.checkpointing import read_provenance
+
+    record = read_provenance(prefix)
+    if record is None:
+        return [f"provenance of {os.path.basename(prefix)}: none recorded (not written by this harness's train.py)"]
+    config = record.get("config", {})
+    return [
+        f"provenance of {os.path.basename(prefix)}:",
+        f"  harness {record.get('harness_version')}, TensorFlow {record.get('tensorflow')}, "
+        f"Keras {record.get('keras')}, Python {record.get('python')}, host {record.get('host')}",
+        f"  overrides: {' '.join(record.get('overrides', [])) or '(none)'}",
+        f"  model {config.get('model', {}).get('_target_')}, data {config.get('data', {}).get('name')}, "
+        f"optimizer {config.get('optimizer', {}).get('name')}, seed {config.get('seed')}",
+    ]
+
+
+def format_run_record(run_dir: str) -> list[str]:
+    """The restart accounting of a run directory (harness/run_record.py)."""
+    from harness.run_record import read_record, record_path
+
+    record = read_record(run_dir)
+    if record is None:
+        return [f"run record: none in {run_dir}"]
+    lines = [f"run record ({record_path(run_dir)}): {record.summary()}"]
+    if record.consecutive_crashes:
+        lines.append(f"  {record.consecutive_crashes} crashes in a row at step {record.crash_step}")
+    if record.current:
+        lines.append(f"  in progress (or killed): pid {record.current.get('pid')} on {record.current.get('host')}, "
+                     f"step {record.current.get('step')}")
+    for attempt in record.history[-5:]:
+        lines.append(f"  {attempt.get('outcome'):>16}: steps {attempt.get('start_step')} -> {attempt.get('end_step')}, "
+                     f"pid {attempt.get('pid')} on {attempt.get('host')}")
     return lines
 
 

@@ -2,8 +2,9 @@
 
 Owns: the loss (summed per example, divided by the *global* batch size so that the all-reduced
 gradient equals the single-device gradient for any replica count), the gradient step under
-`strategy.run`, and metric accumulators that the outer loop reads and resets. No Python side
-effects happen here: logging, checkpoints and signals belong to `harness/controller.py`.
+`strategy.run`, metric accumulators that the outer loop reads and resets, and the loss of every
+step of the latest call (`StepLosses`, for divergence detection at the exact step). No Python
+side effects happen here: logging, checkpoints and signals belong to `harness/controller.py`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ class Accumulators:
         return values
 
 
+class StepLosses:
+    """The global loss of each step of the latest train-loop call, without a collective per step.
+
+    Each replica writes its share of step `i`'s loss (already divided by the global batch) at
+    index `i`; reading sums the shares across replicas (and workers), giving the loss of the
+    whole global batch. One read per inner loop.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, *, capacity: int) -> None:
+        with strategy.scope():
+            self.values = tf.Variable(tf.zeros([capacity]), trainable=False, name="step_losses",
+                                      synchronization=tf.VariableSynchronization.ON_READ,
+                                      aggregation=tf.VariableAggregation.SUM)
+
+    def record(self, index: tf.Tensor, loss: tf.Tensor) -> None:
+        """Replica context: this replica's share of the loss of the loop's step `index`."""
+        self.values.assign(tf.tensor_scatter_nd_update(self.values, [[index]], [tf.cast(loss, tf.float32)]))
+
+    def read(self, num_steps: int) -> list[float]:
+        """The losses of the first `num_steps` steps of the latest call (a collective across workers)."""
+        return [float(value) for value in self.values.numpy()[:num_steps]]
+
+
 def _example_losses(model: keras.Model, batch: Batch, *, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
     logits = tf.cast(model(batch.features, training=training), tf.float32)
     losses = keras.losses.sparse_categorical_crossentropy(batch.labels, logits, from_logits=True)
@@ -56,6 +80,7 @@ def make_train_loop(
     strategy: tf.distribute.Strategy,
     state: TrainState,
     accumulators: Accumulators,
+    step_losses: StepLosses,
     *,
     global_batch_size: int,
     seed: int,
@@ -63,7 +88,7 @@ def make_train_loop(
 ) -> Callable[[Any, tf.Tensor], None]:
     """Return `train_loop(iterator, num_steps)` running `num_steps` steps (a scalar int tensor)."""
 
-    def replica_step(batch: Batch) -> None:
+    def replica_step(batch: Batch, index: tf.Tensor) -> None:
         reseed_random_layers(state, seed=seed, step=state.step)
         with tf.GradientTape() as tape:
             example_losses, correct = _example_losses(state.model, batch, training=True)
@@ -75,13 +100,14 @@ def make_train_loop(
         state.optimizer.apply_gradients(zip(gradients, state.model.trainable_variables))
         state.step.assign_add(1)
         accumulators.add(loss=loss, correct=tf.reduce_sum(correct), examples=tf.reduce_sum(batch.weights))
+        step_losses.record(index, loss)
 
     # XLA compiles the step itself; the loop around it (iterator, tf.range) stays a plain tf.function.
     step_fn = tf.function(replica_step, jit_compile=True) if jit_compile else replica_step
 
     def train_loop(iterator: Any, num_steps: tf.Tensor) -> None:
-        for _ in tf.range(num_steps):
-            strategy.run(step_fn, args=(next(iterator),))
+        for index in tf.range(num_steps):
+            strategy.run(step_fn, args=(next(iterator), index))
 
     return tf.function(train_loop)
 
@@ -111,9 +137,10 @@ def make_eval_loop(
 class TrainLoop:
     """The compiled train loop plus the metric sums it accumulates (read by the controller)."""
 
-    def __init__(self, run: Callable[[Any, tf.Tensor], None], metrics: Accumulators) -> None:
+    def __init__(self, run: Callable[[Any, tf.Tensor], None], metrics: Accumulators, step_losses: StepLosses) -> None:
         self.run = run
         self.metrics = metrics
+        self.step_losses = step_losses
 
     def __call__(self, iterator: Any, num_steps: tf.Tensor) -> None:
         self.run(iterator, num_steps)
@@ -131,10 +158,11 @@ class EvalLoop:
 
 
 def build_loops(strategy: tf.distribute.Strategy, state: TrainState, pipeline: SeekableInput, *, seed: int,
-                jit_compile: bool) -> tuple[TrainLoop, EvalLoop]:
+                jit_compile: bool, steps_per_loop: int) -> tuple[TrainLoop, EvalLoop]:
     """The train and eval loops for a state and input pipeline, each with its own accumulators."""
     train_metrics, eval_metrics = Accumulators(strategy), Accumulators(strategy)
-    train = make_train_loop(strategy, state, train_metrics, global_batch_size=pipeline.global_batch_size,
+    step_losses = StepLosses(strategy, capacity=steps_per_loop)
+    train = make_train_loop(strategy, state, train_metrics, step_losses, global_batch_size=pipeline.global_batch_size,
                             seed=seed, jit_compile=jit_compile)
     evaluate = make_eval_loop(strategy, state, eval_metrics, eval_batch_size=pipeline.eval_batch_size)
-    return TrainLoop(train, train_metrics), EvalLoop(evaluate, eval_metrics)
+    return TrainLoop(train, train_metrics, step_losses), EvalLoop(evaluate, eval_metrics)

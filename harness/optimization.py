@@ -1,8 +1,11 @@
 """Optimizers and learning-rate schedules built from config.
 
-Owns: `optimizer=adam|adamw|sgd`, `optimizer.schedule` and loss scaling. Schedules are functions
-of the optimizer's iteration count, which is checkpointed, so their position survives restarts
-without any state of their own. Under the `mixed_float16` dtype policy the optimizer is wrapped in
+Owns: `optimizer=adam|adamw|sgd`, `optimizer.schedule` and loss scaling. Every learning rate,
+constant ones included, is a schedule: a function of the optimizer's iteration count, which is
+checkpointed, so its position survives restarts without any state of its own, and the value
+comes from the config of the running process (a plain float would be saved as an optimizer
+variable, and restoring it would silently undo `resume.allow_config_change=[optimizer.learning_rate]`).
+Under the `mixed_float16` dtype policy the optimizer is wrapped in
 `keras.optimizers.LossScaleOptimizer` (as `Model.compile` would do); its dynamic loss scale and
 step counter are optimizer variables, so checkpoints carry them too.
 """
@@ -13,14 +16,25 @@ import keras
 
 from harness.config import AdamConfig, AdamWConfig, OptimizerConfig, ScheduleConfig, SGDConfig
 
-LearningRate = float | keras.optimizers.schedules.LearningRateSchedule
+
+class ConstantLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The same learning rate at every step (a schedule, so that no checkpoint holds it)."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+
+    def __call__(self, step: object) -> object:
+        return keras.ops.convert_to_tensor(self.learning_rate, dtype="float32")
+
+    def get_config(self) -> dict[str, float]:
+        return {"learning_rate": self.learning_rate}
 
 
-def build_learning_rate(config: OptimizerConfig, *, max_steps: int) -> LearningRate:
+def build_learning_rate(config: OptimizerConfig, *, max_steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
     """A constant or a cosine schedule, either with an optional linear warmup from 0."""
     schedule: ScheduleConfig = config.schedule
     if schedule.name == "constant" and schedule.warmup_steps == 0:
-        return config.learning_rate
+        return ConstantLearningRate(config.learning_rate)
     # Constant-with-warmup is cosine decay whose floor is the peak (alpha=1).
     alpha = 1.0 if schedule.name == "constant" else schedule.final_fraction
     decay_steps = schedule.decay_steps or max(1, max_steps - schedule.warmup_steps)

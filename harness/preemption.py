@@ -8,8 +8,9 @@ stop at. Guarantees:
 - Further signals while stopping are reported and ignored, so a scheduler that repeats SIGTERM
   cannot interrupt the save. (SIGKILL cannot be handled; the checkpoint write protocol in
   `harness/checkpointing.py` makes that safe too.)
-- With several workers, each one's flag is all-reduced after every inner loop, so every worker
-  sees the same decision at the same step and they all save that step together. This is the
+- With several workers, each one's flags (stop requested, lease lost) are all-reduced after every
+  inner loop, so every worker sees the same decision at the same step and they all save that
+  step together (or all stop without saving). This is the
   same agreement `tf.distribute.experimental.PreemptionCheckpointHandler` reaches through the
   coordination service, but for any signal and with our own exit code.
 """
@@ -23,21 +24,8 @@ from types import FrameType, TracebackType
 
 import tensorflow as tf
 
+from harness.config import parse_signals
 from harness.errors import ConfigError
-
-
-def parse_signals(names: list[str]) -> list[signal.Signals]:
-    """Signal names ('SIGTERM', 'USR1', ...) to signals; `ConfigError` names an unknown one."""
-    parsed = []
-    for name in names:
-        canonical = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
-        if canonical in ("SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, canonical):
-            raise ConfigError(
-                f"Config key 'preemption.signals' contains {name!r}: expected catchable signal names "
-                "such as SIGTERM, SIGINT, SIGUSR1 (SIGKILL and SIGSTOP cannot be handled)."
-            )
-        parsed.append(signal.Signals[canonical])
-    return parsed
 
 
 class PreemptionWatcher:
@@ -94,20 +82,21 @@ def ignore_signals_while_exiting(signal_names: list[str]) -> None:
 
 
 class StopAgreement:
-    """Makes all workers take the same stop decision at the same step (identity on one worker)."""
+    """Makes all workers take the same stop decisions at the same step (identity on one worker)."""
 
     def __init__(self, strategy: tf.distribute.Strategy) -> None:
         self._strategy = strategy
         self._multi_worker = getattr(strategy.extended, "_num_workers", 1) > 1  # checked on TF 2.21
         if self._multi_worker:
-            self._any = tf.function(self._reduce_any)
+            self._sum = tf.function(self._reduce_sum)
 
-    def _reduce_any(self, flag: tf.Tensor) -> tf.Tensor:
-        per_replica = self._strategy.run(lambda: tf.identity(flag))
+    def _reduce_sum(self, flags: tf.Tensor) -> tf.Tensor:
+        per_replica = self._strategy.run(lambda: tf.identity(flags))
         return self._strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    def should_stop(self, local_request: bool) -> bool:
-        """True if this or any other worker was asked to stop. A collective call on several workers."""
+    def any_of(self, local_flags: list[bool]) -> list[bool]:
+        """Per flag: true if it is set on this or any other worker. A collective call on several workers."""
         if not self._multi_worker:
-            return local_request
-        return bool(self._any(tf.constant(1.0 if local_request else 0.0)).numpy() > 0)
+            return list(local_flags)
+        summed = self._sum(tf.constant([1.0 if flag else 0.0 for flag in local_flags])).numpy()
+        return [bool(value > 0) for value in summed]

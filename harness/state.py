@@ -1,10 +1,12 @@
 """The training state: everything a checkpoint holds, as one object.
 
 What is in a checkpoint? `TrainState.checkpoint_items()`: the global step counter, the model's
-variables and the optimizer's variables (its iteration count, which drives the learning-rate
-schedule, and loss-scale state under mixed precision included). Everything else a resumed run
-needs is a pure function of (`seed`, step): the input position (`harness/data.py`) and every
-random-number stream (`reseed_random_layers`), so there is no RNG state to lose.
+variables, the optimizer's variables (its iteration count, which drives the learning-rate
+schedule, and loss-scale state under mixed precision included), and what divergence rollbacks
+changed: the number of batches skipped and of rollbacks so far. Everything else a resumed run
+needs is a pure function of these and `seed`: the input position (batch `step + skipped_batches`
+of `harness/data.py`) and every random-number stream (`reseed_random_layers`), so there is no
+RNG state to lose.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class TrainState:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     seed_generators: tuple[keras.random.SeedGenerator, ...]  # RNG of dropout & co, reseeded per step
+    skipped_batches: tf.Variable  # int64: train batches skipped by rollbacks; step s reads batch s + this
+    rollbacks: tf.Variable  # int64: divergence rollbacks so far (trainer.max_rollbacks bounds it)
+
+    @property
+    def batch_index(self) -> int:
+        """The input position of the next step."""
+        return int(self.step.numpy()) + int(self.skipped_batches.numpy())
 
     def checkpoint_items(self) -> dict[str, object]:
         """The trackables a checkpoint saves: `step`, `model/<layer>/<weight>`, `optimizer/<slot>`.
@@ -35,7 +44,7 @@ class TrainState:
         and mismatch reports name real layers.
         """
         return {"model": model_weights_tree(self.model), "optimizer": optimizer_variables_tree(self.optimizer),
-                "step": self.step}
+                "step": self.step, "skipped_batches": self.skipped_batches, "rollbacks": self.rollbacks}
 
 
 def model_weights_tree(model: keras.Model) -> dict[str, object]:
@@ -70,10 +79,13 @@ def _tree(variables: list, *, drop_prefixes: dict[str, str]) -> dict[str, object
 def create_train_state(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> TrainState:
     """Build the optimizer's slots now so restoring never has to defer anything."""
     optimizer.build(model.trainable_variables)
-    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    return TrainState(step=step, model=model, optimizer=optimizer,
-                      seed_generators=tuple(_seed_generators(model)))
+    def counter(name: str) -> tf.Variable:
+        return tf.Variable(0, dtype=tf.int64, trainable=False, name=name,
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    return TrainState(step=counter("global_step"), model=model, optimizer=optimizer,
+                      seed_generators=tuple(_seed_generators(model)), skipped_batches=counter("skipped_batches"),
+                      rollbacks=counter("rollbacks"))
 
 
 def reseed_random_layers(state: TrainState, *, seed: int, step: tf.Tensor) -> None:

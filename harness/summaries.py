@@ -40,7 +40,16 @@ class Summaries:
         self._file = tf.io.gfile.GFile(self.path, "wb")
         self._records = RecordWriter(self._file)
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        self._write(event_pb2.Event(wall_time=time.time(), step=start_step + 1,
+        self.restart_at(start_step)
+
+    def restart_at(self, step: int) -> None:
+        """Mark that training continues from `step`: loaders drop the points logged after it so far.
+
+        Written at start-up (after a restore) and after a divergence rollback.
+        """
+        if not self.enabled:
+            return
+        self._write(event_pb2.Event(wall_time=time.time(), step=step + 1,
                                     session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
         self.flush()
 

@@ -9,7 +9,10 @@
 The list gives step, time, size and whether each checkpoint is intact (every tensor read back,
 checksums verified). Variables are grouped model / optimizer / training state. `--diff OVERRIDES`
 compares the checkpoint with the model and optimizer `python train.py OVERRIDES` would build and
-says what would not restore. Exit code 0, or 2 with a message (no such path, no checkpoint, bad config).
+says what would not restore. For a run directory it also prints the newest checkpoint's provenance
+(harness version, TensorFlow version, overrides) and the run record (restarts, preemptions,
+crashes, kills, rollbacks, steps redone, wall time lost). Exit code 0, or 2 with a message (no such
+path, no checkpoint, bad config).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def main(argv: list[str]) -> int:
     prefix = inspection.select(located, args.step)
     if args.diff is None:
         lines = inspection.format_variables(prefix, inspection.read_variables(prefix))
+        lines += inspection.format_provenance(prefix)
+        if located.run_dir:
+            lines += inspection.format_run_record(located.run_dir)
     else:
         lines = inspection.format_difference(prefix, args.diff, inspection.diff_against_config(prefix, args.diff))
     print("\n" + "\n".join(lines))

@@ -54,12 +54,13 @@ def compose(*overrides: str, tiny: bool = True):
 
 
 def checkpoint_values(path: str | Path) -> dict[str, object]:
-    """Every variable of a checkpoint as numpy, read with TensorFlow's own reader."""
+    """Every training-state variable of a checkpoint as numpy, read with TensorFlow's own reader
+    (not the object graph, nor the provenance record, which names the process that wrote it)."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(path))
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+            if name not in ("_CHECKPOINTABLE_OBJECT_GRAPH", "provenance/.ATTRIBUTES/VARIABLE_VALUE")}
 
 
 def event_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
