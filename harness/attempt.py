@@ -46,7 +46,7 @@ class Attempt:
                                renew_seconds=run.lease.renew_seconds)
         self.provenance_text = provenance.to_text(provenance.build_provenance(run.resolved, overrides=run.overrides))
         self.accounting = RunAccounting(run.run_dir, writer=is_chief, max_crash_restarts=run.trainer.max_crash_restarts,
-                                        fingerprint=_fingerprint(run.resolved))
+                                        fingerprint=_fingerprint(run.resolved), may_write=self._holds_lease)
         self.step = 0  # the step reached, kept current by the caller for the record
 
     def __enter__(self) -> Attempt:
@@ -75,6 +75,13 @@ class Attempt:
         """Called before every checkpoint write: raises once the lease was lost."""
         if self.lease is not None:
             self.lease.verify()
+
+    def _holds_lease(self) -> bool:
+        try:
+            self.before_write()
+        except LeaseConflictError:
+            return False
+        return True
 
     def verify_resume(self, path: str, saved: dict[str, Any] | None) -> None:
         provenance.check_resume(saved, self.run.resolved, checkpoint=path, allow=self.run.resume.allow_config_change)

@@ -391,5 +391,7 @@ def _name(path: str) -> str:
 
 
 def _short(error: BaseException) -> str:
+    """One line: the error type and message, without TensorFlow's op-location decorations."""
     text = getattr(error, "message", None) or str(error)
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}"
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", text.strip()).splitlines()[0]
+    return f"{type(error).__name__}: {text[:400]}"

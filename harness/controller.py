@@ -25,13 +25,14 @@ from harness.checkpointing import Checkpointer
 from harness.config import TrainerConfig
 from harness.data import SeekableInput
 from harness.divergence import RollbackPlan, first_divergence, plan_rollback
-from harness.errors import DivergedError, LeaseConflictError
+from harness.errors import DivergedError, LeaseConflictError, StalledError
 from harness.lease import Lease
 from harness.loop import EvalLoop, TrainLoop
 from harness.optimization import current_learning_rate
 from harness.preemption import PreemptionWatcher, StopAgreement
 from harness.progress import Progress
 from harness.state import TrainState
+from harness.strategy import num_workers
 from harness.summaries import Summaries
 from harness.watchdog import Watchdog
 
@@ -50,6 +51,16 @@ class Outcome:
     step: int
     exit_code: int
     final_metrics: dict[str, float]
+
+
+# What a collective raises when a peer is gone (TF 2.21: UnavailableError for missed heartbeats).
+_PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                     tf.errors.DeadlineExceededError)
+
+
+def _first_line(error: tf.errors.OpError) -> str:
+    lines = [line.strip() for line in error.message.splitlines() if line.strip() and "Graph execution" not in line]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _next_multiple(step: int, every: int) -> int:
@@ -95,6 +106,13 @@ class Controller:
     def run(self) -> Outcome:
         try:
             return self._run()
+        except _PEER_LOST_ERRORS as error:
+            if num_workers(self.strategy) <= 1:
+                raise  # not a lost peer: a bug or a local failure, keep the traceback
+            raise StalledError(
+                f"Lost contact with another worker at step {self.step}: {_first_line(error)} That worker crashed, was "
+                "killed or froze (check its log). Exiting so the scheduler restarts the whole job; every worker "
+                "resumes from the newest checkpoint.") from None
         finally:
             self.progress.close()
 

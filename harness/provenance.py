@@ -66,6 +66,7 @@ def build_provenance(resolved: dict[str, Any], *, overrides: tuple[str, ...]) ->
         "keras": keras.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
+        "pid": os.getpid(),
         "written_by_process_started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

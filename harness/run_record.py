@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +89,11 @@ def read_record(run_dir: str) -> RunRecord | None:
 class RunAccounting:
     """The chief's handle on the record for one attempt; other workers only read it."""
 
-    def __init__(self, run_dir: str, *, writer: bool, max_crash_restarts: int, fingerprint: str) -> None:
+    def __init__(self, run_dir: str, *, writer: bool, max_crash_restarts: int, fingerprint: str,
+                 may_write: Callable[[], bool] = lambda: True) -> None:
         self.path = record_path(run_dir)
         self.writer = writer
+        self.may_write = may_write  # false once this process lost the lease: the record is the new holder's
         self.max_crash_restarts = max_crash_restarts
         self.fingerprint = fingerprint
         self.record = read_record(run_dir) or RunRecord()
@@ -167,7 +170,7 @@ class RunAccounting:
         self.record.current = None
 
     def _write(self) -> None:
-        if not self.writer:
+        if not self.writer or not self.may_write():
             return
         temporary = f"{self.path}.tmp-{os.getpid()}"
         try:

@@ -99,7 +99,7 @@ def check_workers_restored_the_same_step(strategy: tf.distribute.Strategy, step:
     restored different checkpoints (checkpoint.dir on each node's own disk, say) would apply the
     same all-reduced gradients to different weights and never notice.
     """
-    if _num_workers(strategy) <= 1:
+    if num_workers(strategy) <= 1:
         return
     mine = -1.0 if step is None else float(step)
     restored = strategy.gather(strategy.run(lambda: tf.constant([mine], tf.float64)), axis=0).numpy()
@@ -112,7 +112,8 @@ def check_workers_restored_the_same_step(strategy: tf.distribute.Strategy, step:
             "gs://... that all nodes mount.")
 
 
-def _num_workers(strategy: tf.distribute.Strategy) -> int:
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Worker processes in the job (1 unless multi_worker)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None:
         return 1

@@ -22,6 +22,7 @@ import pytest
 
 from harness import cluster
 from harness.checkpointing import CHECKPOINT_NAME, list_checkpoints
+from harness.errors import ExitCode
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, assert_ok, checkpoint_values, run_train, subprocess_env, train_command
 
@@ -245,20 +246,33 @@ def test_sigkilled_worker_fails_the_gang_and_a_gang_restart_finishes(tmp_path: P
 
 
 @pytest.mark.slow
-def test_frozen_worker_is_detected_and_the_launcher_kills_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("detector", "overrides", "evidence"), [
+    # Missing heartbeats fail the survivor's collectives; the harness says so in one paragraph.
+    ("heartbeats", ("strategy.peer_timeout_seconds=5",), "error: Lost contact with another worker at step"),
+    # Heartbeats slower than the hang watchdog: the watchdog ends the survivor, with a stack dump.
+    ("watchdog", ("strategy.peer_timeout_seconds=300", "watchdog.min_seconds=3", "watchdog.first_call_seconds=60"),
+     "watchdog: train"),
+])
+def test_frozen_worker_is_detected_and_the_launcher_kills_it(tmp_path: Path, detector: str, overrides: tuple[str, ...],
+                                                             evidence: str) -> None:
     """SIGSTOP: no connection reset, only missing heartbeats (like a machine that vanished)."""
     run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"
-    with local_gang(run_dir, *INTERRUPTIBLE, "strategy.peer_timeout_seconds=5", tmpdir=tmpdir, grace_seconds=2) as gang:
+    with local_gang(run_dir, *INTERRUPTIBLE, *overrides, tmpdir=tmpdir, grace_seconds=2) as gang:
         frozen = worker_pid(gang, 1)
         gang.wait_for(r"^\[worker0\] .*saved checkpoint ckpt-50\b", timeout=120)
         os.kill(frozen, signal.SIGSTOP)
         frozen_at = time.monotonic()
         survivor = gang.wait_for(r"^\[gang\] worker0 exited with code (\d+)", timeout=SURVIVOR_DEADLINE)
         assert time.monotonic() - frozen_at < SURVIVOR_DEADLINE
-        assert int(survivor.group(1)) != 0
-        assert gang.finish(timeout=30) == int(survivor.group(1)), "the gang reports the first failure"
+        assert int(survivor.group(1)) == ExitCode.STALLED, gang.output[-5000:]
+        assert gang.finish(timeout=30) == ExitCode.STALLED, "the gang reports the first failure"
         assert re.search(r"^\[gang\] killing worker1 ", gang.output, re.MULTILINE), "the frozen worker was not killed"
-        assert "stopped sending heartbeats" in gang.output
+        survivor_output = "\n".join(worker_lines(gang.output, 0))
+        assert evidence in survivor_output, survivor_output[-5000:]
+        if detector == "heartbeats":
+            assert "stopped sending heartbeats" in survivor_output and "Traceback" not in survivor_output
+        else:
+            assert "Thread 0x" in survivor_output, "the watchdog dumps every thread's stack"
 
 
 @pytest.mark.slow
