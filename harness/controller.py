@@ -184,8 +184,8 @@ class Controller:
     def _roll_back(self, plan: RollbackPlan) -> int:
         """Restore the newest good checkpoint at or before the plan's skip step; return its step."""
         divergence, done = plan.divergence, int(self.state.rollbacks.numpy())
-        self.summaries.scalars(divergence.step, {"faults/diverged_loss": divergence.loss})
         if done >= self.trainer.max_rollbacks:
+            self.summaries.scalars(divergence.step, {"faults/diverged_loss": divergence.loss})
             raise DivergedError(
                 f"Training diverged: {divergence.describe()}, after {done} rollbacks already "
                 f"(trainer.max_rollbacks={self.trainer.max_rollbacks}). Stopping without saving; the newest "
@@ -207,8 +207,8 @@ class Controller:
         self._pending_skips = sorted([p for p in self._pending_skips if p.skip_from_step > restored.step] + [plan],
                                      key=lambda p: p.skip_from_step)
         self.train_loop.metrics.read_and_reset()  # sums of the abandoned steps
-        self.summaries.restart_at(restored.step)
-        self.summaries.scalars(divergence.step, {"faults/rollbacks": done + 1})
+        self.summaries.restart_at(restored.step)  # the abandoned steps' points vanish from TensorBoard
+        self.summaries.scalars(divergence.step, {"faults/rollbacks": done + 1, "faults/diverged_loss": divergence.loss})
         self.attempt.accounting.rollback()
         log.warning("rollback %d of %d: %s; restored checkpoint %s at step %d; replaying to step %d, then skipping "
                     "%d batches", done + 1, self.trainer.max_rollbacks, divergence.describe(), restored.path,

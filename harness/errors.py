@@ -33,6 +33,8 @@ class ExitCode(enum.IntEnum):
 
 
 RESERVED_EXIT_CODES = frozenset(int(code) for code in ExitCode if code != ExitCode.PREEMPTED)
+# Exits that rerunning the same command cannot fix: the launch recipes (scripts/) do not retry them.
+NOT_RETRYABLE = (ExitCode.USER_ERROR, ExitCode.DIVERGED, ExitCode.LEASE_CONFLICT, ExitCode.CRASH_LOOP)
 
 
 class HarnessError(Exception):

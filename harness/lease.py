@@ -52,6 +52,9 @@ class LeaseRecord:
     token: str  # unique per incarnation: tells our lease from a later one by the same host and pid
     started: float  # unix seconds
     heartbeat: float  # unix seconds of the latest renewal
+    # hostname, boot id and pid namespace: equal only where `pid` names the same process table as
+    # ours, so "that pid is gone" may be trusted (a hostname alone can be shared by containers)
+    machine: str = ""
 
     def describe(self, now: float) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -69,10 +72,11 @@ class Lease:
         self.renew_seconds = renew_seconds
         now = time.time()
         self.record = LeaseRecord(host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
-                                  started=now, heartbeat=now)
+                                  started=now, heartbeat=now, machine=_machine_identity())
         self.lost_to: LeaseRecord | None = None  # who took the lease over, once noticed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created_directory = False  # a run that fails before saving leaves no empty checkpoint.dir
 
     @property
     def lost(self) -> bool:
@@ -88,10 +92,12 @@ class Lease:
     # -- taking and giving back ---------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the lease or raise `LeaseConflictError`; `CheckpointError` if the directory is unwritable."""
+        self._stop.clear()
         holder = self._read()
         if holder is not None and holder.token != self.record.token:
             self._wait_out(holder)
         try:
+            self._created_directory = not tf.io.gfile.isdir(self.directory)
             tf.io.gfile.makedirs(self.directory)
             self._write()
         except (OSError, tf.errors.OpError) as error:
@@ -113,7 +119,7 @@ class Lease:
         first_seen = holder.heartbeat
         while True:
             now = time.time()
-            if holder.host == socket.gethostname() and not _process_alive(holder.pid):
+            if holder.machine and holder.machine == self.record.machine and not _process_alive(holder.pid):
                 log.warning("taking over the lease on %s from %s: that process no longer exists", self.directory,
                             holder.describe(now))
                 return
@@ -148,6 +154,8 @@ class Lease:
             current = self._read()
             if current is not None and current.token == self.record.token:
                 tf.io.gfile.remove(self.path)
+            if self._created_directory and not tf.io.gfile.listdir(self.directory):
+                tf.io.gfile.rmtree(self.directory)
         except (OSError, tf.errors.OpError, LeaseConflictError):
             pass  # an expired lease file is harmless: the next run takes it over
 
@@ -169,7 +177,13 @@ class Lease:
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.renew_seconds):
-            current = self._read_tolerant()
+            try:
+                current = self._read()
+            except (CheckpointError, LeaseConflictError) as error:
+                # Not knowing who holds it, writing could undo a takeover: skip this renewal. If
+                # reads keep failing, the lease expires and a new run may take over, which is right.
+                log.warning("could not read the lease %s (%s); not renewing it this time", self.path, error)
+                continue
             if current is not None and current.token != self.record.token:
                 self.lost_to = current
                 log.error("lease on %s taken over by %s: stopping without writing", self.directory,
@@ -194,7 +208,7 @@ class Lease:
             if not tf.io.gfile.exists(self.path):
                 return None
             with tf.io.gfile.GFile(self.path, "r") as handle:
-                return LeaseRecord(**json.loads(handle.read()))
+                return _parse(json.loads(handle.read()))
         except tf.errors.NotFoundError:  # removed between exists() and open()
             return None
         except (ValueError, TypeError) as error:
@@ -211,6 +225,31 @@ class Lease:
         except (CheckpointError, LeaseConflictError) as error:
             log.warning("could not read the lease %s: %s", self.path, error)
             return None
+
+
+def _parse(content: object) -> LeaseRecord:
+    """A `LeaseRecord` from parsed JSON; `ValueError` unless it has the fields and types we write."""
+    if not isinstance(content, dict):
+        raise ValueError(f"expected a JSON object, found {type(content).__name__}")
+    record = LeaseRecord(**content)
+    numbers_ok = all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                     for value in (record.started, record.heartbeat))
+    if not (isinstance(record.host, str) and isinstance(record.token, str) and isinstance(record.machine, str)
+            and isinstance(record.pid, int) and numbers_ok):
+        raise ValueError("a field has the wrong type")
+    return record
+
+
+def _machine_identity() -> str:
+    """hostname/boot id/pid-namespace inode: the same only where pids mean the same processes (Linux)."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            parts.append(handle.read().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        return ""  # not Linux: never trust a pid across processes
+    return "/".join(parts)
 
 
 def _process_alive(pid: int) -> bool:

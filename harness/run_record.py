@@ -79,11 +79,30 @@ def read_record(run_dir: str) -> RunRecord | None:
             return None
         with tf.io.gfile.GFile(path, "r") as handle:
             content = json.loads(handle.read())
-        known = {f.name for f in dataclasses.fields(RunRecord)}
-        return RunRecord(**{key: value for key, value in content.items() if key in known})
+        return _parse(content)
     except (OSError, tf.errors.OpError, ValueError, TypeError) as error:
         log.warning("ignoring the unreadable run record %s (%s)", path, error)
         return None
+
+
+def _parse(content: object) -> RunRecord:
+    """A `RunRecord` from parsed JSON; `ValueError` unless every known field has its type."""
+    if not isinstance(content, dict):
+        raise ValueError(f"expected a JSON object, found {type(content).__name__}")
+    known = {f.name: f for f in dataclasses.fields(RunRecord)}
+    record = RunRecord(**{key: value for key, value in content.items() if key in known})
+    numbers = ("attempts", "restarts", "preemptions", "crashes", "kills", "rollbacks", "steps_redone",
+               "consecutive_crashes")
+    valid = (all(isinstance(getattr(record, name), int) and not isinstance(getattr(record, name), bool)
+                 for name in numbers)
+             and isinstance(record.wall_time_lost_seconds, (int, float))
+             and (record.crash_step is None or isinstance(record.crash_step, int))
+             and (record.crash_fingerprint is None or isinstance(record.crash_fingerprint, str))
+             and (record.current is None or isinstance(record.current, dict))
+             and isinstance(record.history, list) and all(isinstance(item, dict) for item in record.history))
+    if not valid:
+        raise ValueError("a field has the wrong type")
+    return record
 
 
 class RunAccounting:

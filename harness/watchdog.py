@@ -7,7 +7,8 @@ Guarantees:
 - The limit of a phase is `watchdog.factor` times the slowest it has been so far (per step for
   train loops, so longer loops get proportionally more time), never less than
   `watchdog.min_seconds`; the first occurrence of each phase (which traces and compiles) gets
-  `watchdog.first_call_seconds`.
+  `watchdog.first_call_seconds`. That first one counts as "so far" too, which errs on the side of
+  patience: a slow compile raises later limits (keep `steps_per_loop` steady to keep them tight).
 - When a phase exceeds its limit: one log line naming the phase, its duration and limit, a stack
   dump of every Python thread (`faulthandler`) on stderr, the `on_hang` callback (the run record
   notes the hang), then the process exits at once with `ExitCode.STALLED` (4) from the watchdog

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from harness.checkpointing import list_checkpoints
+from harness.errors import NOT_RETRYABLE
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, subprocess_env
 
@@ -202,7 +203,7 @@ def test_k8s_job_structure() -> None:
     rules = spec["podFailurePolicy"]["rules"]
     by_code = {code: rule["action"] for rule in rules if "onExitCodes" in rule
                for code in rule["onExitCodes"]["values"]}
-    assert by_code == {PREEMPTED: "Ignore", 2: "FailJob"}
+    assert by_code == {PREEMPTED: "Ignore", **{int(code): "FailJob" for code in NOT_RETRYABLE}}
     assert all(rule["onExitCodes"]["containerName"] == "trainer" for rule in rules if "onExitCodes" in rule)
     assert any(rule["action"] == "Ignore" and {"type": "DisruptionTarget"} in rule.get("onPodConditions", [])
                for rule in rules)
@@ -272,7 +273,7 @@ def test_vm_unit_restarts_after_preemption_but_not_after_success_or_config_error
     assert int(service["TimeoutStopSec"]) >= 30
     assert service["Restart"] == "on-failure"  # 0 is success: no restart once training finished
     prevented = service["RestartPreventExitStatus"].split()
-    assert "2" in prevented and str(PREEMPTED) not in prevented
+    assert set(prevented) == {str(int(code)) for code in NOT_RETRYABLE} and str(PREEMPTED) not in prevented
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     assert "network-online.target" in unit["Unit"]["After"]
 
