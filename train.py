@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from harness.config import register_configs
 
 PROCESS_STARTED = time.time()
+_main_entered = False  # Hydra composed the config: from here on, Hydra's own exit 1 means a crash
 
 
 def train(cfg: DictConfig):
@@ -81,6 +82,8 @@ def train(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    global _main_entered
+    _main_entered = True
     from harness.errors import exit_code_of
     from harness.preemption import ignore_signals_while_exiting
 
@@ -94,4 +97,11 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     register_configs()
-    main()
+    try:
+        main()
+    except SystemExit as exiting:
+        # Hydra exits 1 when it cannot compose the config (a misspelt key, a wrong type), before
+        # main() runs: that is a config error, exit 2 as the exit-code table says.
+        if exiting.code == 1 and not _main_entered:
+            raise SystemExit(2) from None
+        raise
