@@ -86,12 +86,13 @@ def main(cfg: DictConfig) -> None:
     _main_entered = True
     from harness.errors import exit_code_of
     from harness.preemption import ignore_signals_while_exiting
+    from harness.process_exit import exit_process
 
     exit_code = exit_code_of(train, cfg)
     if exit_code == 0 and HydraConfig.get().mode == RunMode.MULTIRUN:
         return  # let Hydra run the sweep's next job; a non-zero code stops the sweep, as a crash would
     ignore_signals_while_exiting(list(cfg.preemption.signals))  # a late SIGTERM must not change the exit code
-    raise SystemExit(exit_code)
+    exit_process(exit_code)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ class Checkpointer:
         self.total_failures = 0  # failed write attempts in this process, for TensorBoard
         self._last_saved_step: int | None = None
         self._step_existed = False  # whether the checkpoint being written existed before
+        self._pending_step: int | None = None  # an async save whose background write is unconfirmed
+        self._pending_existed = False
         self._options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=async_save)
         self._async = async_save
         # Non-chief workers: a private path that each save creates and then deletes, so a worker
@@ -298,6 +300,7 @@ class Checkpointer:
         `max_consecutive_failures` failed attempts in a row, and whatever `before_write` raises.
         """
         started = time.perf_counter()
+        self._confirm_pending_write()  # TensorFlow would wait for it anyway before the next write
         while True:
             if self.before_write is not None:
                 self.before_write()
@@ -310,7 +313,11 @@ class Checkpointer:
             except _WRITE_ERRORS as error:
                 self._write_failed(error, step=step)
                 continue
-            self.consecutive_failures = 0
+            if self._async and self.is_chief:
+                self._pending_step = step  # written in the background: a success only once confirmed
+                self._pending_existed = self._step_existed
+            else:
+                self.consecutive_failures = 0
             self._last_saved_step = step
             return time.perf_counter() - started
 
@@ -320,22 +327,28 @@ class Checkpointer:
         If that write failed, it is written again (synchronously, with the retries of `save`):
         call this only while the state is still at the step of the last save.
         """
+        step = self._pending_step
+        if not self._confirm_pending_write() and step is not None:
+            self._save_synchronously(step)
+
+    def discard_pending_write(self) -> None:
+        """Wait for an in-flight async save; a failure counts but is not retried (the state moved on)."""
+        self._confirm_pending_write()
+
+    def _confirm_pending_write(self) -> bool:
+        """Wait for the background write of the last async save; False if it failed (counted, cleaned up)."""
         if not self._async:
-            return
+            return True
+        step, self._pending_step = self._pending_step, None
         try:
             self._checkpoint.sync()
         except _WRITE_ERRORS as error:
-            self._write_failed(error, step=self._last_saved_step)
-            if self._last_saved_step is not None:
-                self._save_synchronously(self._last_saved_step)
-
-    def discard_pending_write(self) -> None:
-        """Wait for an in-flight async save; a failure is logged, not retried (the state moved on)."""
-        if self._async:
-            try:
-                self._checkpoint.sync()
-            except _WRITE_ERRORS as error:
-                self._write_failed(error, step=self._last_saved_step)
+            self._step_existed = self._pending_existed
+            self._write_failed(error, step=step)
+            return False
+        if step is not None:
+            self.consecutive_failures = 0
+        return True
 
     def _save_synchronously(self, step: int) -> None:
         options, self._options = self._options, tf.train.CheckpointOptions()

@@ -18,6 +18,10 @@ checkpoints. Guarantees:
   read-back after a short settle lets exactly one of them (the last rename) win.
 - Liveness is judged by wall-clock time written by the holder, so hosts sharing a checkpoint
   directory need clocks synchronised to well within `lease.expiry_seconds` (NTP does this).
+- What a lease on plain files cannot do (there is no fencing token a filesystem would check): a
+  checkpoint write already in flight when the old holder froze may still complete after the
+  takeover. It is a complete checkpoint of that holder's step; the new holder, which restored an
+  intact one, overwrites that step if it reaches it. No write starts after the check fails.
 """
 
 from __future__ import annotations

@@ -175,7 +175,17 @@ def _cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
     )
 
 
+_joined_cluster = False
+
+
+def joined_cluster() -> bool:
+    """True once this process built a multi-worker strategy (it must then exit normally)."""
+    return _joined_cluster
+
+
 def _multi_worker(config: StrategyConfig) -> tf.distribute.Strategy:
+    global _joined_cluster
+    _joined_cluster = True
     resolver = _cluster_resolver()
     _configure_peer_failure_detection(resolver.cluster_spec(), heartbeat_timeout_seconds=config.peer_timeout_seconds)
     implementation = {
