@@ -93,7 +93,7 @@ def read_provenance(path: str) -> dict[str, Any] | None:
         reader = tf.compat.v1.train.NewCheckpointReader(path)
         if not reader.has_tensor(PROVENANCE_KEY):
             return None
-        return from_text(reader.get_tensor(PROVENANCE_KEY))
+        return from_text(reader.get_tensor(PROVENANCE_KEY)) or None  # "{}": saved through the API, no record
     except (*_READ_ERRORS, ValueError):
         return None
 
@@ -342,6 +342,7 @@ class Checkpointer:
         step, self._pending_step = self._pending_step, None
         try:
             self._checkpoint.sync()
+            _raise_async_write_error(self._checkpoint)
         except _WRITE_ERRORS as error:
             self._step_existed = self._pending_existed
             self._write_failed(error, step=step)
@@ -397,6 +398,18 @@ class Checkpointer:
         except _WRITE_ERRORS as error:  # a read-only filesystem cannot have partial files of ours either
             log.warning("could not remove the files of the failed write of %s-%d: %s", CHECKPOINT_NAME, step,
                         _short(error))
+
+
+def _raise_async_write_error(checkpoint: tf.train.Checkpoint) -> None:
+    """Raise the error of the background write `sync()` just waited for, if it failed.
+
+    TensorFlow keeps it to raise at the start of the *next* save (TF 2.21, async_checkpoint_helper:
+    `_check_async_thread_error`), where it would be blamed on the wrong checkpoint. The one private
+    access of this module, checked on TF 2.21.
+    """
+    helper = getattr(checkpoint, "_async_checkpointer_impl", None)
+    if helper is not None and hasattr(helper, "_check_async_thread_error"):
+        helper._check_async_thread_error()
 
 
 def _name(path: str) -> str:

@@ -42,9 +42,11 @@ from harness.errors import CheckpointError, LeaseConflictError
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "LEASE"
-# After writing, wait this long before reading back: a rival that read the old lease at the same
-# moment has written by then, and the read-back shows whose rename came last.
-_SETTLE_SECONDS = 0.5
+# After writing, wait before reading back, so that a rival that read the old lease at the same
+# moment has written by then and the read-back shows whose rename came last: twice as long as our
+# own write took (a rival's takes about as long), within these bounds. A race that still slips
+# through is caught by the renewal thread, which stops the loser before its first checkpoint.
+_SETTLE_SECONDS = (0.05, 1.0)
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,15 @@ class Lease:
         try:
             self._created_directory = not tf.io.gfile.isdir(self.directory)
             tf.io.gfile.makedirs(self.directory)
+            writing = time.monotonic()
             self._write()
+            write_seconds = time.monotonic() - writing
         except (OSError, tf.errors.OpError) as error:
             raise CheckpointError(
                 f"checkpoint.dir '{self.directory}' is not writable ({_reason(error)}): the lease file {self.path} "
                 "could not be written, so no checkpoint could be either. Nothing was trained or changed. Check the "
                 "path, its permissions and free space, or point checkpoint.dir elsewhere.") from None
-        time.sleep(_SETTLE_SECONDS)
+        time.sleep(min(max(2 * write_seconds, _SETTLE_SECONDS[0]), _SETTLE_SECONDS[1]))
         winner = self._read()
         if winner is None or winner.token != self.record.token:
             raise LeaseConflictError(
@@ -136,7 +140,7 @@ class Lease:
                     f"{holder.describe(now)}, and it renewed the lease while this run waited. Two runs must never "
                     f"write the same checkpoints, so this one does not start. Stop the other run first; to train a "
                     "separate run, use another experiment= or checkpoint.dir.")
-            wait = min(self.expiry_seconds - (now - holder.heartbeat), self.renew_seconds) + _SETTLE_SECONDS
+            wait = min(self.expiry_seconds - (now - holder.heartbeat), self.renew_seconds) + _SETTLE_SECONDS[1]
             log.warning("checkpoint.dir %s is leased by %s; waiting up to %.0f s: a renewal means that run is alive "
                         "(this one then stops), none means it is gone (this one takes over)", self.directory,
                         holder.describe(now), self.expiry_seconds - (now - holder.heartbeat))

@@ -9,14 +9,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from harness import config, data_sources, inspection, modeling, optimization, state
+from harness import config, data_sources, inspection, modeling, optimization, provenance, state
 from harness import run_dir as run_files
 from harness.checkpointing import Checkpointer
 from harness.errors import CheckpointError
+from harness.run_record import RunAccounting
 from tests.conftest import PROJECT_ROOT, TINY, assert_ok, compose, subprocess_env
 
 SCRIPT = PROJECT_ROOT / "scripts" / "inspect_checkpoint.py"
@@ -31,10 +33,15 @@ def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = modeling.build_model(run.model, input_shape=examples.input_shape, num_classes=examples.num_classes,
                                  seed=run.seed)
     train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=60))
-    checkpointer = Checkpointer.from_config(train_state, run.checkpoint, async_save=False, is_chief=True)
+    record = provenance.to_text(provenance.build_provenance(run.resolved, overrides=("trainer.max_steps=60",)))
+    checkpointer = Checkpointer.from_config(train_state, run.checkpoint, async_save=False, is_chief=True,
+                                            provenance=record)
+    accounting = RunAccounting(run.run_dir, writer=True, max_crash_restarts=3, fingerprint="test")
+    accounting.begin(start_step=0, process_started=time.time())
     for step in (20, 40, 60):
         train_state.step.assign(step)
         checkpointer.save(step)
+    accounting.finish("completed", step=60)
     run_files.write_config_record(run.run_dir, run.resolved)
     run_files.write_model_signature(run.run_dir, input_shape=examples.input_shape, num_classes=examples.num_classes)
     return run_dir
@@ -133,3 +140,6 @@ def test_the_script_lists_and_shows_variables(saved_run: Path) -> None:
     assert all(" intact " in line for line in lines[1:4])
     assert f"variables of {saved_run / 'checkpoints' / 'ckpt-60'}" in result.stdout
     assert "model/dense_0/kernel  [64, 32]" in result.stdout
+    assert "provenance of ckpt-60:" in result.stdout and "TensorFlow 2." in result.stdout
+    assert f"run record ({saved_run / 'run_record.json'}): attempt 1: 0 restarts" in result.stdout
+    assert "completed: steps 0 -> 60" in result.stdout

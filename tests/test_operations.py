@@ -22,6 +22,7 @@ import pytest
 from harness.chaos import compare_checkpoints
 from harness.checkpointing import list_checkpoints, read_provenance
 from harness.errors import ExitCode
+from harness.inspection import format_run_record
 from tests.conftest import PROJECT_ROOT, assert_ok, checkpoint_values, event_scalars, run_train, subprocess_env
 from tests.conftest import train_command as conftest_train_command
 from tests.fault_models import MARKER
@@ -228,10 +229,8 @@ def test_restart_accounting_counts_kills_preemptions_and_redone_steps(tmp_path: 
     assert "run record: attempt 3: 2 restarts (1 preemptions, 1 kills, 0 crashes)" in finished.stdout + finished.stderr
     scalars = event_scalars(run_dir / "tensorboard")
     assert scalars["run/kills"][-1][1] == 1 and scalars["run/preemptions"][-1][1] == 1
-    inspected = subprocess.run(["python", "scripts/inspect_checkpoint.py", str(run_dir)], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=120, env=subprocess_env())
-    assert inspected.returncode == 0, inspected.stderr
-    assert "run record" in inspected.stdout and "1 kills" in inspected.stdout and "preempted" in inspected.stdout
+    shown = "\n".join(format_run_record(str(run_dir)))  # what scripts/inspect_checkpoint.py prints (test_inspect.py)
+    assert "1 kills" in shown and "preempted" in shown and "killed" in shown
 
 
 def test_repeated_crashes_at_the_same_step_end_the_retry_loop(tmp_path: Path) -> None:
@@ -251,8 +250,4 @@ def test_repeated_crashes_at_the_same_step_end_the_retry_loop(tmp_path: Path) ->
     assert "The last 2 attempts of this run all crashed at step 30" in message and "Traceback" not in refused.stderr
     assert directory_snapshot(run_dir / "checkpoints") == checkpoints
     assert run_record(run_dir)["attempts"] == 2, "a refused start is not an attempt"
-
-    # A changed config (the user fixed something) tries again.
-    retried = train(run_dir, *crashing, "trainer.steps_per_loop=5")
-    assert retried.returncode == ExitCode.INTERNAL_ERROR
-    assert "config or harness version changed since: trying again" in retried.stderr + retried.stdout
+    # A changed config or harness version resets the count: tests/test_run_record.py.

@@ -204,3 +204,34 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path: Path,
     message = result.stderr[result.stderr.index("error: "):]
     assert f"checkpoint.dir '{checkpoint_dir}' is not writable" in message and "Traceback" not in result.stderr
     assert "step 10/" not in result.stdout + result.stderr, "it trained before refusing"
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_checkpointer_retries_then_gives_up_and_leaves_no_partial_checkpoint(tmp_path: Path,
+                                                                                 async_save: bool) -> None:
+    """In process, both save modes: an async save's write fails in the background and only shows
+    at the next save or wait, where it must count (not reset the count) and be cleaned up."""
+    import keras
+
+    from harness.checkpointing import Checkpointer
+    from harness.errors import StorageError
+    from harness.state import create_train_state
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64, name="dense")])
+    state = create_train_state(model, keras.optimizers.Adam())
+    with tiny_filesystem(tmp_path / "fs") as filesystem:
+        checkpointer = Checkpointer(state, directory=str(filesystem), max_to_keep=5, keep_every_hours=None,
+                                    async_save=async_save, is_chief=True, max_consecutive_failures=3,
+                                    retry_backoff_seconds=0.05)
+        checkpointer.save(10)
+        checkpointer.wait()
+        remount(filesystem, "ro")
+        with pytest.raises(StorageError, match=r"failed 3 times in a row"):
+            for step in (20, 30, 40, 50):
+                state.step.assign(step)
+                checkpointer.save(step)
+            checkpointer.wait()
+        assert checkpointer.total_failures == 3
+        remount(filesystem, "rw")
+        assert [step for step, _ in list_checkpoints(str(filesystem))] == [10]
+        assert checkpoint_values(filesystem / "ckpt-10")["step/.ATTRIBUTES/VARIABLE_VALUE"] == 0
