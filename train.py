@@ -85,8 +85,7 @@ def main(cfg: DictConfig) -> None:
     global _main_entered
     _main_entered = True
     from harness.errors import exit_code_of
-    from harness.preemption import ignore_signals_while_exiting
-    from harness.process_exit import exit_process
+    from harness.process_exit import exit_process, ignore_signals_while_exiting
 
     exit_code = exit_code_of(train, cfg)
     if exit_code == 0 and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -25,7 +25,6 @@ from types import FrameType, TracebackType
 import tensorflow as tf
 
 from harness.config import parse_signals
-from harness.errors import ConfigError
 
 
 class PreemptionWatcher:
@@ -65,20 +64,6 @@ class PreemptionWatcher:
         else:
             message = f"received {name} again: still saving the checkpoint, please wait\n"
         os.write(2, message.encode())  # async-signal-safe, unlike logging
-
-
-def ignore_signals_while_exiting(signal_names: list[str]) -> None:
-    """Ignore the stop signals from now on: the run is over and the process is exiting.
-
-    Python resets its own handlers to the default during interpreter teardown, so a late SIGTERM
-    would otherwise turn "finished" (or "preempted, saved") into "killed by a signal". Ignored
-    signals stay ignored through teardown. Call only when the process is about to exit.
-    """
-    for name in signal_names:
-        try:
-            signal.signal(parse_signals([name])[0], signal.SIG_IGN)
-        except (ConfigError, ValueError):  # unknown name (reported earlier) or not the main thread
-            continue
 
 
 class StopAgreement:

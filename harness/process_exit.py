@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
+
+from harness.config import parse_signals
+from harness.errors import ConfigError
 
 
 def exit_process(code: int) -> NoReturn:
@@ -25,3 +29,17 @@ def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def ignore_signals_while_exiting(signal_names: list[str]) -> None:
+    """Ignore the stop signals from now on: the run is over and the process is exiting.
+
+    Python resets its own handlers to the default during interpreter teardown, so a late SIGTERM
+    would otherwise turn "finished" (or "preempted, saved") into "killed by a signal". Ignored
+    signals stay ignored through teardown. Call only when the process is about to exit.
+    """
+    for name in signal_names:
+        try:
+            signal.signal(parse_signals([name])[0], signal.SIG_IGN)
+        except (ConfigError, ValueError):  # unknown name (reported earlier) or not the main thread
+            continue

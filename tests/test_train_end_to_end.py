@@ -110,6 +110,19 @@ def test_bad_config_is_refused_with_a_message_naming_the_key(run_dir: Path, over
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("override", ["+trainer.new_key=1", "trainer.max_steps=0"])
+def test_a_config_error_is_reported_before_tensorflow_is_imported(run_dir: Path, override: str) -> None:
+    """A typo costs half a second, not a TensorFlow import (Hydra's and the harness's own checks)."""
+    command = [sys.executable, "-X", "importtime", str(TRAIN_PY), f"run_dir={run_dir}", override]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=subprocess_env(),
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "harness.config" in imported  # the check below would be vacuous without -X importtime output
+    assert "tensorflow" not in imported
+
+
 @pytest.mark.slow
 def test_multirun_gives_each_job_its_own_run_directory(tmp_path: Path) -> None:
     """Run from another directory, as users do: outputs/ lands in the working directory."""
