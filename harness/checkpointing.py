@@ -173,17 +173,17 @@ class Checkpointer:
 
     # -- restore -----------------------------------------------------------------------------------
     def restore_latest(self, *, verify: Callable[[str, dict[str, Any] | None], None] | None = None,
-                       max_step: int | None = None, exclude: frozenset[int] = frozenset()) -> RestoreResult:
+                       max_step: int | None = None) -> RestoreResult:
         """Restore the newest intact checkpoint of `directory`, or leave the state fresh if none exist.
 
         `verify(path, provenance)` sees the chosen checkpoint's provenance before anything is
-        restored and may raise to refuse it. `max_step` and `exclude` limit the candidates (for
-        rollbacks). Raises `CheckpointError` if checkpoints exist but none can be read (starting
-        over would overwrite them), or if one is readable but does not match the state.
+        restored and may raise to refuse it. `max_step` limits the candidates (for rollbacks).
+        Raises `CheckpointError` if checkpoints exist but none can be read (starting over would
+        overwrite them), or if one is readable but does not match the state.
         """
         try:
             candidates = [(step, path) for step, path in list_checkpoints(self.directory)
-                          if (max_step is None or step <= max_step) and step not in exclude]
+                          if max_step is None or step <= max_step]
         except tf.errors.OpError as error:
             raise CheckpointError(
                 f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
@@ -228,6 +228,30 @@ class Checkpointer:
         log.info("no checkpoint in %s: starting from step 0", self.directory)
         self._remove_abandoned_writes()
         return RestoreResult(step=None, path=None)
+
+    def delete_newer_than(self, step: int) -> list[int]:
+        """Delete every checkpoint after `step`: a rollback abandoned the trajectory they belong to.
+
+        Left on disk, a restart could resume from one of them and replay a divergence that the
+        rollback already dealt with (skipping its batches twice). Index files go first: a kill in
+        between leaves data files without an index, which are never listed and are removed as
+        abandoned writes at the next start. Chief only, under the lease; returns the steps deleted.
+        """
+        if not self.is_chief:
+            return []
+        if self.before_write is not None:
+            self.before_write()
+        newer = [(saved, path) for saved, path in list_checkpoints(self.directory) if saved > step]
+        try:
+            for _, path in newer:
+                tf.io.gfile.remove(f"{path}.index")
+            for _, path in newer:
+                for data_file in tf.io.gfile.glob(f"{path}.data-*"):
+                    tf.io.gfile.remove(data_file)
+        except _WRITE_ERRORS as error:
+            log.warning("could not delete the abandoned checkpoints after step %d (%s); a restart may replay the "
+                        "rollback's divergence", step, _short(error))
+        return [saved for saved, _ in newer]
 
     def _reader_for(self, saved_shapes: dict[str, list[int]]) -> tf.train.Checkpoint:
         """The checkpoint object to restore with: without `provenance` for checkpoints that lack it."""

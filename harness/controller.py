@@ -88,7 +88,6 @@ class Controller:
     def __post_init__(self) -> None:
         self.step = int(self.state.step.numpy())
         self._pending_skips: list[RollbackPlan] = []  # rollbacks whose batch skip lies ahead
-        self._stale_steps: set[int] = set()  # checkpoints of a trajectory a rollback abandoned
 
     @property
     def step(self) -> int:
@@ -194,16 +193,15 @@ class Controller:
                 "trainer.max_rollbacks to keep trying).")
         self.checkpointer.discard_pending_write()
         restore_before = plan.skip_from_step
-        previous_steps = {step for step, _ in self._checkpoint_steps()}
-        restored = self.checkpointer.restore_latest(max_step=restore_before, exclude=frozenset(self._stale_steps))
+        restored = self.checkpointer.restore_latest(max_step=restore_before)
         if restored.step is None:
             raise DivergedError(
                 f"Training diverged: {divergence.describe()}, and no checkpoint at or before step {restore_before} "
                 f"exists to roll back to (trainer.rollback_skip_batches={plan.skip_batches}). Stopping; lower "
                 "checkpoint.every_steps so that a rollback has somewhere to go, or fix the cause (learning rate, "
                 "data).")
+        abandoned = self.checkpointer.delete_newer_than(restored.step)  # before anything of the new trajectory
         self.state.rollbacks.assign(done + 1)
-        self._stale_steps |= {step for step in previous_steps if step > restored.step}
         self._pending_skips = sorted([p for p in self._pending_skips if p.skip_from_step > restored.step] + [plan],
                                      key=lambda p: p.skip_from_step)
         self.train_loop.metrics.read_and_reset()  # sums of the abandoned steps
@@ -211,8 +209,9 @@ class Controller:
         self.summaries.scalars(divergence.step, {"faults/rollbacks": done + 1, "faults/diverged_loss": divergence.loss})
         self.attempt.accounting.rollback()
         log.warning("rollback %d of %d: %s; restored checkpoint %s at step %d; replaying to step %d, then skipping "
-                    "%d batches", done + 1, self.trainer.max_rollbacks, divergence.describe(), restored.path,
-                    restored.step, plan.skip_from_step, plan.skip_batches)
+                    "%d batches%s", done + 1, self.trainer.max_rollbacks, divergence.describe(), restored.path,
+                    restored.step, plan.skip_from_step, plan.skip_batches,
+                    f" (deleted the abandoned {', '.join(f'ckpt-{step}' for step in abandoned)})" if abandoned else "")
         self.step = restored.step
         self.progress.advance(restored.step)
         if plan.skip_from_step == restored.step:
@@ -223,11 +222,6 @@ class Controller:
         self.state.skipped_batches.assign_add(plan.skip_batches)
         log.info("skipping %d batches at step %d (rollback for %s)", plan.skip_batches, plan.skip_from_step,
                  plan.divergence.describe())
-
-    def _checkpoint_steps(self) -> list[tuple[int, str]]:
-        from harness.checkpointing import list_checkpoints
-
-        return list_checkpoints(self.checkpointer.directory)
 
     def _eval_due(self, step: int) -> bool:
         return step == self.trainer.max_steps or bool(self.trainer.eval_every and step % self.trainer.eval_every == 0)
@@ -267,7 +261,6 @@ class Controller:
         failures_before = self.checkpointer.total_failures
         with self.watchdog.phase("save"):
             blocked = self.checkpointer.save(step)
-        self._stale_steps.discard(step)
         self.summaries.scalars(step, {"perf/checkpoint_save_seconds": blocked})
         if self.checkpointer.total_failures > failures_before:
             self.summaries.scalars(step, {"faults/checkpoint_write_failures": self.checkpointer.total_failures})

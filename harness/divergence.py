@@ -6,7 +6,8 @@ a killed-and-resumed run rolls back exactly as an uninterrupted one does:
 - Diverged at step `k` (the loss of the update that starts at step `k`, computed on batch
   `k + skipped_batches`): skip `trainer.rollback_skip_batches` = `N` batches, the ones that steps
   `k-N+1 .. k` consumed (the culprit may be a batch before the one whose loss shows it).
-- Restore the newest checkpoint at or before step `k-N+1`, replay to step `k-N+1` (bit-identical
+- Restore the newest checkpoint at or before step `k-N+1`, delete the newer ones (the abandoned
+  trajectory, which a restart must not resume from), replay to step `k-N+1` (bit-identical
   under `deterministic=true`: same state, same batches), then add `N` to `skipped_batches` and go
   on. Which checkpoint is restored does not change the result, so preemption checkpoints at odd
   steps do not either.

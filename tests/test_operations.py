@@ -164,6 +164,29 @@ def test_nan_is_rolled_back_past_its_batch_and_the_result_does_not_depend_on_res
     assert "ckpt-25 at step 25; replaying to step 29" in resumed.stdout + resumed.stderr
     assert compare_checkpoints(reference / "checkpoints" / "ckpt-60", interrupted / "checkpoints" / "ckpt-60") == []
 
+    # SIGKILLed right after the skip is saved (ckpt-29): the abandoned trajectory's ckpt-30, saved
+    # before the divergence, must be gone, or the restart would resume from it, diverge again and
+    # skip the batches a second time.
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(train_command(killed, *data, NAN_MODEL), cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "saved checkpoint ckpt-29 " in line:
+            process.kill()
+            break
+    process.stdout.read()
+    process.wait(timeout=60)
+    assert any("(deleted the abandoned ckpt-30)" in line for line in seen), "".join(seen)[-3000:]
+    skipped_on_disk = {step: checkpoint_values(path)["skipped_batches/.ATTRIBUTES/VARIABLE_VALUE"]
+                       for step, path in list_checkpoints(str(killed / "checkpoints"))}
+    assert skipped_on_disk[20] == 0 and skipped_on_disk[29] == 5
+    assert all(skipped == 5 for step, skipped in skipped_on_disk.items() if step > 20), skipped_on_disk
+    assert_ok(train(killed, *data, NAN_MODEL))
+    assert compare_checkpoints(reference / "checkpoints" / "ckpt-60", killed / "checkpoints" / "ckpt-60") == []
+
 
 def test_divergence_beyond_max_rollbacks_stops_with_its_own_exit_code(tmp_path: Path) -> None:
     """The real MLP on a wildly scaled record: a finite loss far above trainer.loss_upper_bound."""
