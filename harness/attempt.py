@@ -5,8 +5,9 @@ a pipeline. On entry (before anything is written): take the lease on `checkpoint
 refuse a crash loop. `verify_resume` checks a checkpoint's provenance against this config before
 it is restored. `begin` marks the attempt in progress in the run record. On exit, the attempt's
 end is recorded from the outcome or the exception (`HarnessError`s by type, anything else is a
-crash), and the lease is released. A run that lost its lease records nothing: the run record
-belongs to the new holder.
+crash), and the lease is released. A start refused before `begin` (a `HarnessError` while
+restoring) records nothing: a refused start leaves the run record as it was. A run that lost its
+lease records nothing either: the run record belongs to the new holder.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Attempt:
         self.accounting = RunAccounting(run.run_dir, writer=is_chief, max_crash_restarts=run.trainer.max_crash_restarts,
                                         fingerprint=_fingerprint(run.resolved), may_write=self._holds_lease)
         self.step = 0  # the step reached, kept current by the caller for the record
+        self._begun = False  # whether `begin` marked this attempt in the run record
 
     def __enter__(self) -> Attempt:
         if self.lease is not None:
@@ -64,6 +66,10 @@ class Attempt:
         try:
             if error is None or isinstance(error, LeaseConflictError):
                 return  # a clean end is recorded by `finish`; a lost lease means the record is not ours
+            if not self._begun:
+                if isinstance(error, HarnessError):
+                    return  # a refused start (bad checkpoint, refused config change) changes nothing on disk
+                self.begin(self.step)  # a crash while restoring is an attempt too: crash loops count it
             outcome = next((name for kind, name in _OUTCOME_OF_ERROR.items() if isinstance(error, kind)), None)
             if outcome is None:
                 outcome = "failed" if isinstance(error, HarnessError) else "crashed"
@@ -88,6 +94,7 @@ class Attempt:
 
     def begin(self, start_step: int) -> None:
         self.step = start_step
+        self._begun = True
         self.accounting.begin(start_step=start_step, process_started=self.process_started)
 
     def finish(self, status: str, *, step: int) -> None:
