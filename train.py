@@ -67,7 +67,7 @@ def train(cfg: DictConfig):
                 watchdog.Watchdog(run.watchdog, on_hang=this_attempt.record_hang) as hang_watchdog:
             if start_step is None:
                 tensorboard.hparams(run.resolved)
-            tensorboard.scalars(start_step or 0, this_attempt.accounting.record.scalars())
+            tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())
             outcome = controller.Controller(
                 strategy=dist, state=train_state, pipeline=pipeline, train_loop=train_loop, eval_loop=eval_loop,
                 checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,

@@ -32,6 +32,7 @@ class Summaries:
     def __init__(self, log_dir: str, *, enabled: bool, start_step: int) -> None:
         self.log_dir = log_dir
         self.enabled = enabled
+        self._restart_step = start_step
         self._file = None
         if not enabled:
             return
@@ -42,11 +43,18 @@ class Summaries:
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         self.restart_at(start_step)
 
+    @property
+    def start_marker_step(self) -> int:
+        """The step of the latest `SessionLog.START`: what is written there, a later restart from the
+        same checkpoint replaces rather than duplicates (per-start values such as the run record)."""
+        return self._restart_step + 1
+
     def restart_at(self, step: int) -> None:
         """Mark that training continues from `step`: loaders drop the points logged after it so far.
 
         Written at start-up (after a restore) and after a divergence rollback.
         """
+        self._restart_step = step
         if not self.enabled:
             return
         self._write(event_pb2.Event(wall_time=time.time(), step=step + 1,

@@ -252,6 +252,8 @@ def test_restart_accounting_counts_kills_preemptions_and_redone_steps(tmp_path: 
     assert "run record: attempt 3: 2 restarts (1 preemptions, 1 kills, 0 crashes)" in finished.stdout + finished.stderr
     scalars = event_scalars(run_dir / "tensorboard")
     assert scalars["run/kills"][-1][1] == 1 and scalars["run/preemptions"][-1][1] == 1
+    kill_steps = [step for step, _ in scalars["run/kills"]]
+    assert len(kill_steps) == len(set(kill_steps)) == 2, "two attempts resumed from step 0: one point there"
     shown = "\n".join(format_run_record(str(run_dir)))  # what scripts/inspect_checkpoint.py prints (test_inspect.py)
     assert "1 kills" in shown and "preempted" in shown and "killed" in shown
 
