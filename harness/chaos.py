@@ -43,6 +43,11 @@ class Attempt:
     stopped_at: int | None  # the step of its preemption checkpoint, if it saved one on a signal
     output: str
 
+    @property
+    def interrupted(self) -> bool:
+        """A signal was sent and the process did not finish anyway (it may land after the last step)."""
+        return self.signal_sent is not None and self.exit_code != 0
+
 
 @dataclass
 class ChaosReport:
@@ -52,7 +57,7 @@ class ChaosReport:
 
     @property
     def kills(self) -> int:
-        return sum(1 for a in self.attempts if a.signal_sent)
+        return sum(1 for a in self.attempts if a.interrupted)
 
     @property
     def restarts(self) -> int:
@@ -171,9 +176,19 @@ def run_chaos(command: Sequence[str], *, kills: int, signals: Sequence[signal.Si
         report.attempts.append(attempt)
         log(f"attempt {len(report.attempts)}: resumed from {attempt.resumed_from}, reached {attempt.last_step_seen}, "
             f"signal {attempt.signal_sent or '-'}, exit {attempt.exit_code}")
-        if attempt.signal_sent is None:  # it ended by itself: finished, or failed for a reason of its own
+        if not attempt.interrupted:  # it ended by itself: finished, or failed for a reason of its own
             break
     return report
+
+
+def reference_command(command: Sequence[str]) -> list[str]:
+    """The same command writing elsewhere: `run_dir` (and `checkpoint.dir`, if given) suffixed `-reference`.
+
+    Raises `ValueError` without an explicit `run_dir=`: the reference must not share the run's files.
+    """
+    if not any(arg.startswith("run_dir=") for arg in command):
+        raise ValueError("the command needs an explicit run_dir=... for a reference run")
+    return [f"{arg}-reference" if arg.startswith(("run_dir=", "checkpoint.dir=")) else arg for arg in command]
 
 
 def compare_checkpoints(first: str | Path, second: str | Path) -> list[str]:

@@ -5,7 +5,8 @@
         python train.py run_dir=outputs/chaos deterministic=true model.dropout=0.2
 
 Prints kills, restarts, steps redone and (with --reference) whether the final checkpoint is
-bit-identical to an uninterrupted run of the same command with run_dir suffixed `-reference`.
+bit-identical to an uninterrupted run of the same command with run_dir (and checkpoint.dir, if
+given) suffixed `-reference`.
 Exit status 0 if the run completed (and matched the reference), 1 otherwise.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.chaos import compare_checkpoints, run_attempt, run_chaos
+from harness.chaos import compare_checkpoints, reference_command, run_attempt, run_chaos
 
 
 def _override(command: list[str], key: str) -> str | None:
@@ -58,7 +59,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     report = run_chaos(command, kills=args.kills, signals=signals, max_jitter=args.max_jitter, seed=args.seed, env=env)
     if args.reference and report.completed:
-        reference = [f"{arg}-reference" if arg.startswith("run_dir=") else arg for arg in command]
+        reference = reference_command(command)
         finished = run_attempt(reference, kill_signal=None, env=env)
         if finished.exit_code != 0:
             print(finished.output[-3000:])
