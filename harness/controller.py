@@ -159,13 +159,13 @@ class Controller:
             if step % self.checkpoint_every == 0 or step == max_steps or stop or skip_now:
                 self._save(step)
             if stop:
-                self.checkpointer.wait()
+                self._wait_for_saves()
                 log.info("stopped at step %d after a stop signal; checkpoint saved; exiting with code %d",
                          step, self.watcher.exit_code)
                 return Outcome(Status.PREEMPTED, step, self.watcher.exit_code, metrics)
             if window_start == step:
                 window_time = time.perf_counter()
-        self.checkpointer.wait()
+        self._wait_for_saves()
         return Outcome(Status.COMPLETED, step, 0, metrics)
 
     def _iterator(self):
@@ -191,7 +191,8 @@ class Controller:
                 f"checkpoint (step <= {divergence.step}) is intact. Lower optimizer.learning_rate, add "
                 "optimizer.global_clipnorm, or check the data around this step, then rerun (raise "
                 "trainer.max_rollbacks to keep trying).")
-        self.checkpointer.discard_pending_write()
+        with self.watchdog.phase("save"):  # an async write still in flight
+            self.checkpointer.discard_pending_write()
         restore_before = plan.skip_from_step
         restored = self.checkpointer.restore_latest(max_step=restore_before)
         if restored.step is None:
@@ -255,6 +256,11 @@ class Controller:
         self.progress.message(f"eval at step {step}: loss {results['eval_loss']:.4f}, accuracy "
                               f"{results['eval_accuracy']:.4f} ({time.perf_counter() - started:.2f}s)")
         return results
+
+    def _wait_for_saves(self) -> None:
+        """Block until an in-flight async save is on disk (a hung write is the watchdog's)."""
+        with self.watchdog.phase("save"):
+            self.checkpointer.wait()
 
     def _save(self, step: int) -> None:
         self.summaries.flush()
