@@ -111,11 +111,16 @@ def check_resume(saved_provenance: dict[str, Any] | None, current: dict[str, Any
         log.warning("checkpoint %s records no config: cannot check that this run's config matches it", checkpoint)
         return []
     changes = config_changes(saved_provenance.get("config", {}), current)
-    refused = [c for c in changes if not _matches(c.key, FREE_TO_CHANGE) and not _matches(c.key, allow)]
+    guarded = [c for c in changes if not _matches(c.key, FREE_TO_CHANGE)
+               or (c.key == "trainer.max_steps" and _schedule_follows_max_steps(current))]
+    refused = [c for c in guarded if not _matches(c.key, allow)]
     if refused:
         lines = [f"The config differs from the one checkpoint {checkpoint} was trained with, in keys that change what "
                  "is being trained, so resuming would silently mix two different runs:"]
         lines += [f"  {change.describe()}" for change in refused]
+        if any(change.key == "trainer.max_steps" for change in refused):
+            lines.append("  (optimizer.schedule.decay_steps is unset, so the cosine schedule is stretched over "
+                         "trainer.max_steps: a new value changes the learning rate of every step from here on)")
         saved_overrides = " ".join(saved_provenance.get("overrides", [])) or "(none)"
         lines.append("Nothing was changed on disk. Restore the original values (the checkpoint's command-line "
                      f"overrides were: {saved_overrides}), or start a fresh run with another experiment=, or accept "
@@ -124,11 +129,17 @@ def check_resume(saved_provenance: dict[str, Any] | None, current: dict[str, Any
         raise ConfigError("\n".join(lines))
     for change in changes:
         log.info("config changed since the checkpoint: %s%s", change.describe(),
-                 "" if _matches(change.key, FREE_TO_CHANGE) else " (allowed by resume.allow_config_change)")
+                 " (allowed by resume.allow_config_change)" if change in guarded else "")
     saved_version, current_version = saved_provenance.get("harness_version"), harness_version()
     if saved_version and saved_version != current_version:
         log.info("harness version changed since the checkpoint: %s -> %s", saved_version, current_version)
     return changes
+
+
+def _schedule_follows_max_steps(config: dict[str, Any]) -> bool:
+    """Whether the learning-rate curve is derived from trainer.max_steps (harness/optimization.py)."""
+    schedule = config.get("optimizer", {}).get("schedule", {})
+    return schedule.get("name") == "cosine" and not schedule.get("decay_steps")
 
 
 class _Absent:

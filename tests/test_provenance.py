@@ -93,6 +93,21 @@ def test_guarded_changes_are_refused_listing_each_key_with_both_values() -> None
     assert refused.value.exit_code == ExitCode.USER_ERROR
 
 
+def test_max_steps_is_guarded_while_the_cosine_schedule_is_stretched_over_it() -> None:
+    cosine = changed(optimizer__schedule={"name": "cosine", "warmup_steps": 0, "decay_steps": None})
+    longer = copy.deepcopy(cosine)
+    longer["trainer"]["max_steps"] = 100
+    with pytest.raises(ConfigError, match=re.escape("trainer.max_steps: 60 -> 100")) as refused:
+        check_resume(saved_provenance(cosine), longer, checkpoint="ckpt", allow=[])
+    assert "optimizer.schedule.decay_steps is unset" in str(refused.value)
+    assert check_resume(saved_provenance(cosine), longer, checkpoint="ckpt", allow=["trainer.max_steps"])
+    fixed_length = copy.deepcopy(cosine)
+    fixed_length["optimizer"]["schedule"]["decay_steps"] = 60
+    longer_fixed = copy.deepcopy(fixed_length)
+    longer_fixed["trainer"]["max_steps"] = 100
+    assert check_resume(saved_provenance(fixed_length), longer_fixed, checkpoint="ckpt", allow=[])
+
+
 def test_a_key_the_schema_gained_since_the_checkpoint_is_guarded() -> None:
     current = changed()
     current["model"]["attention_heads"] = 4
