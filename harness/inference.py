@@ -173,10 +173,25 @@ def _read_csv(text: str, path: str) -> np.ndarray:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise DataError(f"Input file '{path}' is empty: expected one example per line.")
+    if not any(_is_number(field) for field in lines[0].split(",")):
+        lines = lines[1:]  # a header: names, not numbers (a row with one typo is not one)
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append([float(field) for field in line.split(",")])
+        except ValueError:
+            raise ValueError(f"data line {number} is not comma-separated numbers: {line[:80]!r}") from None
+    if not rows or len({len(row) for row in rows}) != 1:
+        raise ValueError("the lines do not all hold the same number of values")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _is_number(text: str) -> bool:
     try:
-        return np.loadtxt(lines, delimiter=",", dtype=np.float32, ndmin=2)
+        float(text)
     except ValueError:
-        return np.loadtxt(lines[1:], delimiter=",", dtype=np.float32, ndmin=2)  # a header line
+        return False
+    return True
 
 
 def predict_logits(model: keras.Model, features: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:

@@ -180,7 +180,10 @@ def test_read_inputs_accepts_npy_npz_csv_and_reshapes_flat_rows(tmp_path: Path) 
 
     np.savez(tmp_path / "two.npz", a=images, b=images)
     (tmp_path / "text.csv").write_text("a,b\nc,d\n")
+    (tmp_path / "typo.csv").write_text("1,x\n3,4\n5,6\n")  # no header: a bad first row is an error, not dropped
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
     for name, message in (("two.npz", "holds arrays \\['a', 'b'\\]"), ("text.csv", "cannot be read"),
-                          ("missing.npy", "does not exist")):
+                          ("typo.csv", "data line 1 is not comma-separated numbers: '1,x'"),
+                          ("ragged.csv", "same number of values"), ("missing.npy", "does not exist")):
         with pytest.raises(DataError, match=message):
             inference.read_inputs(str(tmp_path / name), (64,))
