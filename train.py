@@ -37,6 +37,8 @@ def train(cfg: DictConfig):
     examples = data_sources.load_examples(run.data)
     pipeline = data.build_input(examples, run.data, seed=run.seed, num_replicas=dist.num_replicas_in_sync)
 
+    if run.export.enabled and is_chief:
+        export.check_export_dir(run.export.dir)  # not hours of training first
     with dist.scope():
         model = modeling.build_model(run.model, input_shape=examples.input_shape,
                                      num_classes=examples.num_classes, seed=run.seed)

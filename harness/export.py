@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from harness.config import ExportConfig
 from harness.controller import Status
+from harness.errors import ConfigError, HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,42 @@ class ExportPaths:
     saved_model_dir: str
 
 
+class ExportError(HarnessError):
+    """The export directory cannot be written; training and its checkpoints are unaffected."""
+
+
+def check_export_dir(directory: str, *, key: str = "export.dir") -> None:
+    """Refuse, before any training, an export directory that could never be written.
+
+    Local paths only (a bucket is checked when written): the directory, or the nearest of its
+    parents that exists, must be a writable directory. Nothing is created.
+    """
+    if "://" in directory:
+        return
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ConfigError(f"{key} '{directory}' cannot be created or written: '{existing}' {problem}. Point {key} "
+                          "at a writable directory (or set export.enabled=false).")
+
+
 def export_model(model: keras.Model, directory: str) -> ExportPaths:
-    """Write `directory/model.keras` and `directory/saved_model/`, replacing earlier exports."""
+    """Write `directory/model.keras` and `directory/saved_model/`, replacing earlier exports.
+
+    Raises `ExportError` if the directory cannot be written.
+    """
+    try:
+        return _write_artifacts(model, directory)
+    except (OSError, tf.errors.OpError) as error:
+        message = getattr(error, "message", None) or str(error)
+        raise ExportError(f"Exporting {model.name} to '{directory}' failed: {message.splitlines()[0][:300]}. Nothing "
+                          "else was changed: the checkpoints are intact, and a rerun with a writable export.dir (or "
+                          "scripts/export.py --output DIR) exports again.") from None
+
+
+def _write_artifacts(model: keras.Model, directory: str) -> ExportPaths:
     tf.io.gfile.makedirs(directory)
     paths = ExportPaths(os.path.join(directory, KERAS_FILE), os.path.join(directory, SAVED_MODEL_DIR))
     suffix = f"tmp-{os.getpid()}"

@@ -137,6 +137,23 @@ def _script(name: str, *arguments: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, env=subprocess_env())
 
 
+def test_an_unwritable_export_dir_is_refused_before_training_and_by_the_script(trained_run: Path,
+                                                                             tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    run_dir = tmp_path / "run"
+    refused = run_train(run_dir, "export.enabled=true", f"export.dir={a_file}/export")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"export.dir '{a_file}/export' cannot be created or written: '{a_file}' is not a directory" \
+        in refused.stderr
+    assert "Traceback" not in refused.stderr and not (run_dir / "checkpoints").exists()
+
+    scripted = _script("export.py", str(trained_run), "--output", str(a_file))
+    assert scripted.returncode == 2, scripted.stderr[-3000:]
+    assert f"Exporting mlp to '{a_file}' failed" in scripted.stderr and "Traceback" not in scripted.stderr
+    assert a_file.read_text() == "not a directory"
+
+
 @pytest.mark.slow
 def test_export_script_exports_a_chosen_checkpoint(trained_run: Path, inputs: np.ndarray, tmp_path: Path) -> None:
     result = _script("export.py", str(trained_run), "--checkpoint", "20", "--output", str(tmp_path / "served"))
