@@ -321,19 +321,28 @@ def register_configs() -> None:
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The DictConfig `python train.py OVERRIDES` would run on, via Hydra's compose API over conf/.
 
-    For tools and tests outside a running Hydra app: it resets Hydra's global state.
+    For tools and tests outside a running Hydra app: it resets Hydra's global state. Overrides
+    that do not compose (a misspelt key, an unknown group option, a wrong type) raise `ConfigError`
+    with Hydra's explanation, as `train.py` reports them.
     """
     import os
 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        try:
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as error:
+            cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
+            detail = " ".join(line.strip() for line in str(cause or error).splitlines() if line.strip())
+            raise ConfigError(f"The overrides {' '.join(overrides) or '(none)'} do not compose: {detail}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,3 +143,12 @@ def test_the_script_lists_and_shows_variables(saved_run: Path) -> None:
     assert "provenance of ckpt-60:" in result.stdout and "TensorFlow 2." in result.stdout
     assert f"run record ({saved_run / 'run_record.json'}): attempt 1: 0 restarts" in result.stdout
     assert "completed: steps 0 -> 60" in result.stdout
+
+
+@pytest.mark.parametrize(("override", "named"), [("model.nope=3", "'nope'"), ("model=nosuch", "model/nosuch"),
+                                                 ("trainer.max_steps=abc", "trainer.max_steps")])
+def test_diff_overrides_that_do_not_compose_are_a_one_line_error(saved_run: Path, override: str, named: str) -> None:
+    result = _inspect(str(saved_run), "--diff", override)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: The overrides {override} do not compose" in result.stderr and named in result.stderr
+    assert "Traceback" not in result.stderr
