@@ -1,13 +1,14 @@
 """One attempt of a run: who may write, what it resumes from, and how it ended.
 
 Owns: the order of the safety checks at start-up and the bookkeeping at exit, so `train.py` stays
-a pipeline. On entry (before anything is written): take the lease on `checkpoint.dir` (chief),
-refuse a crash loop. `verify_resume` checks a checkpoint's provenance against this config before
-it is restored. `begin` marks the attempt in progress in the run record. On exit, the attempt's
-end is recorded from the outcome or the exception (`HarnessError`s by type, anything else is a
-crash), and the lease is released. A start refused before `begin` (a `HarnessError` while
-restoring) records nothing: a refused start leaves the run record as it was. A run that lost its
-lease records nothing either: the run record belongs to the new holder.
+a pipeline. On entry (before anything is written): take the lease on `checkpoint.dir` (chief;
+without a lease, check that it is writable), refuse a crash loop. `verify_resume` checks a
+checkpoint's provenance against this config before it is restored. `begin` marks the attempt in
+progress in the run record. On exit, the attempt's end is recorded from the outcome or the
+exception (`HarnessError`s by type, anything else is a crash), and the lease is released. A start
+refused before `begin` (a `HarnessError` while restoring) records nothing: a refused start leaves
+the run record as it was. A run that lost its lease records nothing either: the run record
+belongs to the new holder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from harness import provenance
+from harness.checkpointing import check_writable
 from harness.config import RunConfig
 from harness.errors import (
     CrashLoopError,
@@ -53,7 +55,9 @@ class Attempt:
 
     def __enter__(self) -> Attempt:
         if self.lease is not None:
-            self.lease.acquire()
+            self.lease.acquire()  # also refuses an unwritable checkpoint.dir
+        elif self.is_chief:
+            check_writable(self.run.checkpoint.dir)
         try:
             self.accounting.refuse_crash_loop()
         except CrashLoopError:

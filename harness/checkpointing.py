@@ -80,6 +80,25 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def check_writable(directory: str) -> None:
+    """Refuse (`CheckpointError`) a checkpoint directory that cannot be written, before any training.
+
+    With the lease on, writing the lease file is this check; without it, a probe file is written
+    and removed.
+    """
+    probe = f"{directory.rstrip('/')}/.write-probe-{os.getpid()}"
+    try:
+        tf.io.gfile.makedirs(directory)
+        with tf.io.gfile.GFile(probe, "w") as handle:
+            handle.write("probe")
+        tf.io.gfile.remove(probe)
+    except _WRITE_ERRORS as error:
+        raise CheckpointError(
+            f"checkpoint.dir '{directory}' is not writable ({_short(error)}): no checkpoint could be saved there. "
+            "Nothing was trained or changed. Check the path, its permissions and free space, or point "
+            "checkpoint.dir elsewhere.") from None
+
+
 def variable_shapes(path: str) -> dict[str, list[int]]:
     """Variable name -> shape of a checkpoint, without the bookkeeping entries."""
     reader = tf.compat.v1.train.NewCheckpointReader(path)  # a prefix; load_checkpoint also takes dirs

@@ -188,18 +188,20 @@ def test_a_full_disk_then_a_read_only_filesystem_mid_run(tmp_path: Path) -> None
         assert_no_partial_checkpoints(checkpoints)
 
 
-@pytest.mark.parametrize("kind", ["not a directory", "read-only filesystem"])
-def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "lease"), [("not a directory", True), ("not a directory", False),
+                                             ("read-only filesystem", True)])
+def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path: Path, kind: str, lease: bool) -> None:
     run_dir = tmp_path / "run"
+    lease_setting = f"lease.enabled={str(lease).lower()}"  # without the lease file, a probe file checks it
     if kind == "not a directory":
         (tmp_path / "a-file").write_text("x")
         checkpoint_dir = tmp_path / "a-file" / "checkpoints"
-        result = run_train(run_dir, f"checkpoint.dir={checkpoint_dir}")
+        result = run_train(run_dir, f"checkpoint.dir={checkpoint_dir}", lease_setting)
     else:
         with tiny_filesystem(tmp_path / "fs") as filesystem:
             remount(filesystem, "ro")
             checkpoint_dir = filesystem
-            result = run_train(run_dir, f"checkpoint.dir={checkpoint_dir}")
+            result = run_train(run_dir, f"checkpoint.dir={checkpoint_dir}", lease_setting)
     assert result.returncode == ExitCode.USER_ERROR, result.stderr[-3000:]
     message = result.stderr[result.stderr.index("error: "):]
     assert f"checkpoint.dir '{checkpoint_dir}' is not writable" in message and "Traceback" not in result.stderr
