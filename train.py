@@ -8,6 +8,7 @@ loop refused, `preemption.exit_code` (default 42) stopped by a signal after savi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -86,6 +87,7 @@ def train(cfg: DictConfig):
 def main(cfg: DictConfig) -> None:
     global _main_entered
     _main_entered = True
+    logging.raiseExceptions = False  # a full disk under train.log must not print a traceback per log line
     from harness.errors import exit_code_of
     from harness.process_exit import exit_process, ignore_signals_while_exiting
 
