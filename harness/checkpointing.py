@@ -25,6 +25,7 @@ reported when one does not fit the model. Guarantees:
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ from google.protobuf.message import DecodeError
 
 from harness.config import CheckpointConfig
 from harness.errors import CheckpointError, StorageError
+from harness.lease import process_alive
 from harness.provenance import from_text
 from harness.state import TrainState
 
@@ -57,6 +59,7 @@ _MAX_BACKOFF_SECONDS = 60.0
 # IndexError for a short read of the object graph, a DecodeError for a garbled object graph.
 _READ_ERRORS = (tf.errors.OpError, IndexError, DecodeError)
 _STEP_PATTERN = re.compile(rf"{CHECKPOINT_NAME}-(\d+)\.index$")
+_WORKER_WRITES = "harness-worker-ckpt-"  # + "<pid>-<id>": a non-chief worker's private save directory
 
 
 @dataclass
@@ -78,6 +81,21 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
         if match:
             found.append((int(match.group(1)), f"{directory.rstrip('/')}/{CHECKPOINT_NAME}-{match.group(1)}"))
     return sorted(found, reverse=True)
+
+
+def remove_dead_workers_writes(temporary_dir: str | None = None) -> list[str]:
+    """Delete the private save directories of non-chief workers that no longer run on this machine.
+
+    A worker deletes its own after every save, but one SIGKILLed mid-save leaves a copy of the whole
+    state behind; the next worker started here cleans it up. Returns the directories removed.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(temporary_dir or tempfile.gettempdir(), f"{_WORKER_WRITES}*")):
+        pid = os.path.basename(path)[len(_WORKER_WRITES):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def check_writable(directory: str) -> None:
@@ -177,8 +195,10 @@ class Checkpointer:
         self._async = async_save
         # Non-chief workers: a private path that each save creates and then deletes, so a worker
         # that never saves (or finishes) leaves nothing behind.
+        if not is_chief:
+            remove_dead_workers_writes()
         self._write_directory = directory if is_chief else os.path.join(
-            tempfile.gettempdir(), f"harness-worker-ckpt-{os.getpid()}-{id(self):x}")
+            tempfile.gettempdir(), f"{_WORKER_WRITES}{os.getpid()}-{id(self):x}")
         self._manager: tf.train.CheckpointManager | None = None
         self._manager_settings = {"max_to_keep": max_to_keep, "keep_checkpoint_every_n_hours": keep_every_hours}
 

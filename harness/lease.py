@@ -127,7 +127,7 @@ class Lease:
         first_seen = holder.heartbeat
         while True:
             now = time.time()
-            if holder.machine and holder.machine == self.record.machine and not _process_alive(holder.pid):
+            if holder.machine and holder.machine == self.record.machine and not process_alive(holder.pid):
                 log.warning("taking over the lease on %s from %s: that process no longer exists", self.directory,
                             holder.describe(now))
                 return
@@ -260,7 +260,8 @@ def _machine_identity() -> str:
     return "/".join(parts)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -113,3 +114,19 @@ def test_restoring_into_a_different_model_fails_with_a_report_and_changes_nothin
     assert "Traceback" not in result.stderr
     assert "step 70/80" not in result.stdout  # no training happened
     assert digests(run_copy) == before
+
+
+def test_a_dead_workers_private_save_directory_is_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A non-chief SIGKILLed mid-save leaves a whole copy of the state in its private directory."""
+    import subprocess
+    import sys
+
+    from harness.checkpointing import remove_dead_workers_writes
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = (tmp_path / f"harness-worker-ckpt-{pid}-7f00" for pid in (int(finished.stdout), os.getpid()))
+    for directory in (dead, live):
+        (directory / "ckpt-50_temp").mkdir(parents=True)
+    (tmp_path / "unrelated").mkdir()
+    assert remove_dead_workers_writes(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and (tmp_path / "unrelated").exists()
