@@ -104,18 +104,25 @@ def slurm_tf_config(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """Slurm's compact node list to host names: 'gpu[01-03,7],login' -> gpu01 gpu02 gpu03 gpu7 login."""
-    hosts: list[str] = []
-    for prefix, ranges, suffix in re.findall(r"([^,\[\]]*)(?:\[([^\]]*)\])?([^,\[\]]*),?", hostlist):
-        if not ranges:
-            if prefix + suffix:
-                hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            first, _, last = part.partition("-")
-            for number in range(int(first), int(last or first) + 1):
-                hosts.append(f"{prefix}{number:0{len(first)}d}{suffix}")
-    return hosts
+    """Slurm's compact node list to host names: 'gpu[01-03,7],login' -> gpu01 gpu02 gpu03 gpu7 login.
+
+    A name may hold several bracket groups ('rack[1-2]-n[01-02]': every combination, in order).
+    """
+    names = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist)  # top-level commas separate names
+    return [host for name in names for host in _expand_name(name.strip()) if host]
+
+
+def _expand_name(name: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", name)
+    if match is None:
+        return [name]
+    head, tail = name[:match.start()], _expand_name(name[match.end():])
+    expanded = []
+    for part in match.group(1).split(","):
+        first, _, last = part.partition("-")
+        for number in range(int(first), int(last or first) + 1):
+            expanded.extend(f"{head}{number:0{len(first)}d}{rest}" for rest in tail)
+    return expanded
 
 
 def expand_tasks_per_node(spec: str) -> list[int]:

@@ -44,6 +44,7 @@ def test_indexed_job_addresses_follow_the_pod_hostnames() -> None:
     ("node1", ["node1"]),
     ("gpu[01-03,7],login", ["gpu01", "gpu02", "gpu03", "gpu7", "login"]),
     ("a[9-11]-ib,b", ["a9-ib", "a10-ib", "a11-ib", "b"]),
+    ("r[1-2]-n[01-02],x", ["r1-n01", "r1-n02", "r2-n01", "r2-n02", "x"]),  # several bracket groups in one name
 ])
 def test_expand_hostlist(hostlist: str, hosts: list[str]) -> None:
     assert cluster.expand_hostlist(hostlist) == hosts
