@@ -43,6 +43,12 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def preemption_exit_code_of(overrides: Sequence[str], *, default: int) -> int:
+    """The `preemption.exit_code` the workers run with: the last such override, else `default`."""
+    values = [override.split("=", 1)[1] for override in overrides if override.startswith("preemption.exit_code=")]
+    return int(values[-1]) if values and values[-1].strip().isdigit() else default
+
+
 def gang_exit_code(codes: Sequence[int], *, preemption_exit_code: int) -> int:
     """The gang's exit code from its workers' exit statuses, in the order they exited."""
     failures = [code for code in codes if code != 0]

@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address the workers listen on")
     parser.add_argument("--grace-seconds", type=float, default=30.0,
                         help="after a worker fails, seconds the others get to exit before being killed")
-    parser.add_argument("--preemption-exit-code", type=int, default=int(ExitCode.PREEMPTED),
-                        help="the workers' preemption.exit_code")
+    parser.add_argument("--preemption-exit-code", type=int, default=None,
+                        help="the workers' preemption.exit_code (default: taken from the overrides, else 42)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides, after '--'")
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -46,7 +46,10 @@ def main(argv: list[str]) -> int:
                         env={**os.environ, "TF_CONFIG": cluster.to_json(config), "PYTHONUNBUFFERED": "1"})
         for index, config in enumerate(cluster.local_cluster(args.workers, host=args.host))
     ]
-    return gang.Gang(workers, preemption_exit_code=args.preemption_exit_code, grace_seconds=args.grace_seconds,
+    preemption_exit_code = args.preemption_exit_code
+    if preemption_exit_code is None:
+        preemption_exit_code = gang.preemption_exit_code_of(args.overrides, default=int(ExitCode.PREEMPTED))
+    return gang.Gang(workers, preemption_exit_code=preemption_exit_code, grace_seconds=args.grace_seconds,
                      cwd=str(PROJECT_ROOT)).run()
 
 

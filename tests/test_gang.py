@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.gang import gang_exit_code
+from harness.gang import gang_exit_code, preemption_exit_code_of
 from tests.background import BackgroundRun
 from tests.conftest import subprocess_env
 
@@ -43,6 +43,12 @@ def python(code: str, *args: str) -> list[str]:
 ])
 def test_gang_exit_code(codes: list[int], expected: int) -> None:
     assert gang_exit_code(codes, preemption_exit_code=42) == expected
+
+
+def test_the_preemption_code_comes_from_the_workers_overrides() -> None:
+    assert preemption_exit_code_of(["trainer.max_steps=9"], default=42) == 42
+    assert preemption_exit_code_of(["preemption.exit_code=85", "seed=1"], default=42) == 85
+    assert preemption_exit_code_of(["preemption.exit_code=85", "preemption.exit_code=99"], default=42) == 99
 
 
 def test_output_is_prefixed_and_success_is_zero() -> None:
