@@ -207,21 +207,24 @@ def _poll_scalars(port: int, tag: str, *, expected: int, timeout: float = 90) ->
 
 
 def test_sigkill_while_checkpoints_are_being_written(tmp_path: Path) -> None:
-    """52 MB of state saved every step: most kills land inside a checkpoint write. With max_to_keep=1
-    a save that deleted the old checkpoint before the new one was complete would send a successor
-    back to an older step."""
+    """52 MB of state saved every step: most kills land inside a checkpoint write, synchronous or
+    async (written by a background thread while training goes on). With max_to_keep=1 a save that
+    deleted the old checkpoint before the new one was complete would send a successor back to an
+    older step."""
     every_step = ("deterministic=true", "model.hidden=[2048,2048]", "model.dropout=0.1", "checkpoint.every_steps=1",
                   "checkpoint.max_to_keep=1", "trainer.max_steps=25", "trainer.steps_per_loop=1", "trainer.log_every=1",
                   "trainer.eval_every=0")
     reference = tmp_path / "reference"
     assert_ok(run_train(reference, *every_step))
-    run_dir = tmp_path / "run"
-    report = run_chaos(train_command(run_dir, *every_step), kills=3, signals=[signal.SIGKILL], max_jitter=0.3,
-                       seed=4, cwd=str(PROJECT_ROOT), env=subprocess_env())
-    print(report.summary())
-    assert report.completed and report.kills == 3
-    for killed, successor in zip(report.attempts, report.attempts[1:]):
-        assert successor.resumed_from is not None and successor.resumed_from >= (killed.resumed_from or 0)
-    assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-25", reference / "checkpoints" / "ckpt-25") == []
-    leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert leftovers == ["checkpoint", "ckpt-25.data-00000-of-00001", "ckpt-25.index"]
+    for async_save, kills in (("false", 3), ("true", 2)):
+        run_dir = tmp_path / f"run-async-{async_save}"
+        report = run_chaos(train_command(run_dir, *every_step, f"checkpoint.async={async_save}"), kills=kills,
+                           signals=[signal.SIGKILL], max_jitter=0.3, seed=4, cwd=str(PROJECT_ROOT),
+                           env=subprocess_env())
+        print(report.summary())
+        assert report.completed and report.kills == kills
+        for killed, successor in zip(report.attempts, report.attempts[1:]):
+            assert successor.resumed_from is not None and successor.resumed_from >= (killed.resumed_from or 0)
+        assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-25", reference / "checkpoints" / "ckpt-25") == []
+        leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert leftovers == ["checkpoint", "ckpt-25.data-00000-of-00001", "ckpt-25.index"], async_save
