@@ -167,7 +167,7 @@ class StrategyConfig:
     cpu_replicas: int | None = None  # mirrored on CPU: split the CPU into this many devices
     devices: list[str] | None = None  # mirrored: explicit device list; None = all local GPUs
     communication: str = "auto"  # multi_worker collectives: auto | ring | nccl
-    peer_timeout_seconds: int = 60  # multi_worker: a dead peer fails the job after this long
+    peer_timeout_seconds: int = 30  # multi_worker: a dead peer fails the job after this long
 
 
 @dataclass
