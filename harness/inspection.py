@@ -63,7 +63,8 @@ def locate(path: str) -> Located:
         directory = os.path.dirname(path) or "."
         return Located(directory, _checkpoints_in(directory) or [(_step_of(path), path)], path, None)
     if not tf.io.gfile.isdir(path):
-        raise CheckpointError(f"'{path}' does not exist: expected a run directory, a checkpoint directory or a "
+        problem = "is a file but no checkpoint" if tf.io.gfile.exists(path) else "does not exist"
+        raise CheckpointError(f"'{path}' {problem}: expected a run directory, a checkpoint directory or a "
                               f"checkpoint prefix such as <dir>/{CHECKPOINT_NAME}-1000 (whose .index file exists).")
     record = run_files.read_config_record(path)
     if record is not None:

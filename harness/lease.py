@@ -26,6 +26,7 @@ checkpoints. Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -207,9 +208,14 @@ class Lease:
     def _write(self) -> None:
         self.record = LeaseRecord(**{**asdict(self.record), "heartbeat": time.time()})
         temporary = f"{self.path}.tmp-{self.record.token}"
-        with tf.io.gfile.GFile(temporary, "w") as handle:
-            handle.write(json.dumps(asdict(self.record)))
-        tf.io.gfile.rename(temporary, self.path, overwrite=True)
+        try:
+            with tf.io.gfile.GFile(temporary, "w") as handle:
+                handle.write(json.dumps(asdict(self.record)))
+            tf.io.gfile.rename(temporary, self.path, overwrite=True)
+        except (OSError, tf.errors.OpError):
+            with contextlib.suppress(OSError, tf.errors.OpError):  # no temporary file left behind
+                tf.io.gfile.remove(temporary)
+            raise
 
     def _read(self) -> LeaseRecord | None:
         try:

@@ -54,7 +54,7 @@ def throughput(args: argparse.Namespace, work_dir: str) -> None:
     harness = [*workload.overrides(), *HARNESS_SETTINGS]
     steps_per_epoch = bench.keras_steps_per_epoch(workload)
     contenders = [
-        bench.Contender("train.py (harness defaults)", bench.harness_runner(train, harness, work_dir=work_dir),
+        bench.Contender("train.py (train.py settings above)", bench.harness_runner(train, harness, work_dir=work_dir),
                         args.short_steps, args.long_steps),
         bench.Contender(BASELINE, bench.hand_written_runner(workload, steps_per_call=100),
                         args.short_steps, args.long_steps),
@@ -71,7 +71,7 @@ def throughput(args: argparse.Namespace, work_dir: str) -> None:
         contenders += [bench.Contender(name, bench.harness_runner(train, [*harness, *extra], work_dir=work_dir),
                                        args.short_steps, args.long_steps) for name, extra in VARIANTS.items()]
     if args.core:  # more repeats in the same time for the one ratio the target is about
-        contenders = [c for c in contenders if c.name in ("train.py (harness defaults)", BASELINE)]
+        contenders = [c for c in contenders if c.name in ("train.py (train.py settings above)", BASELINE)]
     print(f"\n## Throughput: {workload.hidden} MLP on {workload.input_dim} features, batch "
           f"{workload.global_batch_size}, {args.repeats} interleaved repeats", flush=True)
     print("train.py settings: " + " ".join(HARNESS_SETTINGS), flush=True)

@@ -70,6 +70,8 @@ def test_a_prefix_or_an_index_file_names_one_checkpoint(saved_run: Path) -> None
         assert len(located.checkpoints) == 3
     with pytest.raises(CheckpointError, match=r"does not exist"):
         inspection.locate(str(saved_run / "checkpoints" / "ckpt-41"))
+    with pytest.raises(CheckpointError, match=r"config.yaml' is a file but no checkpoint"):
+        inspection.locate(str(saved_run / "config.yaml"))
 
 
 def test_corrupted_and_truncated_checkpoints_are_not_intact(saved_run: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 
 from harness.errors import CheckpointError, ExitCode, LeaseConflictError
 from harness.lease import LEASE_FILE, Lease, _machine_identity
@@ -269,3 +270,12 @@ def test_a_garbled_lease_file_is_a_conflict_and_is_left_untouched(tmp_path: Path
     assert "delete the file and start again" in message
     assert (tmp_path / LEASE_FILE).read_text() == content
     assert sorted(os.listdir(tmp_path)) == [LEASE_FILE]
+
+
+def test_a_failed_lease_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """The rename over LEASE fails (here: a directory holds its name); the written temporary goes."""
+    (tmp_path / LEASE_FILE).mkdir()
+    (tmp_path / LEASE_FILE / "occupied").write_text("x")
+    with pytest.raises((OSError, tf.errors.OpError)):
+        fast_lease(tmp_path)._write()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LEASE_FILE]
