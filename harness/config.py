@@ -509,7 +509,8 @@ def validate(run: RunConfig) -> None:
              "a positive number of seconds")
     _require(t.loss_upper_bound is None or t.loss_upper_bound > 0, "trainer.loss_upper_bound", t.loss_upper_bound,
              "null or a positive loss")
-    _require(t.max_rollbacks >= 0, "trainer.max_rollbacks", t.max_rollbacks, "0 (never roll back) or more")
+    _require(0 <= t.max_rollbacks <= 64, "trainer.max_rollbacks", t.max_rollbacks,
+             "0 (never roll back) to 64 (the checkpoint's skip schedule has 64 rows)")
     _require(t.rollback_skip_batches >= 1, "trainer.rollback_skip_batches", t.rollback_skip_batches,
              "a positive number of batches")
     _require(t.max_crash_restarts >= 0, "trainer.max_crash_restarts", t.max_crash_restarts,

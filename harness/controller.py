@@ -87,7 +87,6 @@ class Controller:
 
     def __post_init__(self) -> None:
         self.step = int(self.state.step.numpy())
-        self._pending_skips: list[RollbackPlan] = []  # rollbacks whose batch skip lies ahead
 
     @property
     def step(self) -> int:
@@ -152,9 +151,9 @@ class Controller:
                 window_start = step
             if self._eval_due(step):
                 metrics.update(self.evaluate(step))
-            skip_now = bool(self._pending_skips) and self._pending_skips[0].skip_from_step == step
-            if skip_now:
-                self._apply_skip(self._pending_skips.pop(0))
+            skip_now = any(start == step for start, _ in self.state.skips())
+            if skip_now:  # a rollback skip takes effect here; saved at once below
+                self._apply_skips(step)
                 iterator = self._iterator()
             if step % self.checkpoint_every == 0 or step == max_steps or stop or skip_now:
                 self._save(step)
@@ -176,7 +175,7 @@ class Controller:
                       _next_multiple(step, self.checkpoint_every), step + self.trainer.steps_per_loop]
         if self.trainer.eval_every:
             boundaries.append(_next_multiple(step, self.trainer.eval_every))
-        boundaries += [plan.skip_from_step for plan in self._pending_skips if plan.skip_from_step > step]
+        boundaries += [start for start, _ in self.state.skips() if start > step]
         return min(boundaries) - step
 
     # -- divergence rollback -------------------------------------------------------------------------
@@ -194,6 +193,7 @@ class Controller:
         with self.watchdog.phase("save"):  # an async write still in flight
             self.checkpointer.discard_pending_write()
         restore_before = plan.skip_from_step
+        skips = [*self.state.skips(), (plan.skip_from_step, plan.skip_batches)]  # not restored: what we know now
         restored = self.checkpointer.restore_latest(max_step=restore_before)
         if restored.step is None:
             raise DivergedError(
@@ -203,8 +203,7 @@ class Controller:
                 "data).")
         abandoned = self.checkpointer.delete_newer_than(restored.step)  # before anything of the new trajectory
         self.state.rollbacks.assign(done + 1)
-        self._pending_skips = sorted([p for p in self._pending_skips if p.skip_from_step > restored.step] + [plan],
-                                     key=lambda p: p.skip_from_step)
+        self.state.set_skips(skips)
         self.train_loop.metrics.read_and_reset()  # sums of the abandoned steps
         self.summaries.restart_at(restored.step)  # the abandoned steps' points vanish from TensorBoard
         self.summaries.scalars(divergence.step, {"faults/rollbacks": done + 1, "faults/diverged_loss": divergence.loss})
@@ -216,13 +215,15 @@ class Controller:
         self.step = restored.step
         self.progress.advance(restored.step)
         if plan.skip_from_step == restored.step:
-            self._apply_skip(self._pending_skips.pop(0))
+            self._apply_skips(restored.step)
         return restored.step
 
-    def _apply_skip(self, plan: RollbackPlan) -> None:
-        self.state.skipped_batches.assign_add(plan.skip_batches)
-        log.info("skipping %d batches at step %d (rollback for %s)", plan.skip_batches, plan.skip_from_step,
-                 plan.divergence.describe())
+    def _apply_skips(self, step: int) -> None:
+        """The skip schedule's entries for `step` take effect: from here on the input reads further along."""
+        self.state.set_skips(self.state.skips())  # brings skipped_batches up to this step
+        for start, batches in self.state.skips():
+            if start == step:
+                log.info("skipping %d batches at step %d (a divergence rollback)", batches, step)
 
     def _eval_due(self, step: int) -> bool:
         return step == self.trainer.max_steps or bool(self.trainer.eval_every and step % self.trainer.eval_every == 0)

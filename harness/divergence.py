@@ -6,10 +6,12 @@ a killed-and-resumed run rolls back exactly as an uninterrupted one does:
 - Diverged at step `k` (the loss of the update that starts at step `k`, computed on batch
   `k + skipped_batches`): skip `trainer.rollback_skip_batches` = `N` batches, the ones that steps
   `k-N+1 .. k` consumed (the culprit may be a batch before the one whose loss shows it).
-- Restore the newest checkpoint at or before step `k-N+1`, delete the newer ones (the abandoned
-  trajectory, which a restart must not resume from), replay to step `k-N+1` (bit-identical
-  under `deterministic=true`: same state, same batches), then add `N` to `skipped_batches` and go
-  on. Which checkpoint is restored does not change the result, so preemption checkpoints at odd
+- Add (`k-N+1`, `N`) to the skip schedule (`harness/state.py`: step `s` reads batch `s` plus
+  the batches of every entry starting at or before `s`), restore the newest checkpoint at or
+  before step `k-N+1` but keep the schedule known now, delete the newer checkpoints (the
+  abandoned trajectory, which a restart must not resume from), and replay to step `k-N+1`
+  (bit-identical under `deterministic=true`: same state, same batches), where the skip begins.
+  Which checkpoint is restored does not change the result, so preemption checkpoints at odd
   steps do not either.
 The controller (`harness/controller.py`) carries the plan out.
 """

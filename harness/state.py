@@ -3,10 +3,11 @@
 What is in a checkpoint? `TrainState.checkpoint_items()`: the global step counter, the model's
 variables, the optimizer's variables (its iteration count, which drives the learning-rate
 schedule, and loss-scale state under mixed precision included), and what divergence rollbacks
-changed: the number of batches skipped and of rollbacks so far. Everything else a resumed run
-needs is a pure function of these and `seed`: the input position (batch `step + skipped_batches`
-of `harness/data.py`) and every random-number stream (`reseed_random_layers`), so there is no
-RNG state to lose.
+changed: the skip schedule (per rollback, from which step on how many batches are skipped), the
+number of rollbacks, and `skipped_batches` (the schedule's total at the checkpoint's step, for
+people reading it). Everything else a resumed run needs is a pure function of these and `seed`:
+the input position (batch `step + skipped_before(step)` of `harness/data.py`) and every
+random-number stream (`reseed_random_layers`), so there is no RNG state to lose.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 # Keeps per-layer streams apart; any odd constant would do.
 _LAYER_STREAM_STRIDE = 1_000_003
+MAX_SKIPS = 64  # rows of the skip schedule: trainer.max_rollbacks may not exceed it
 
 
 @dataclass
@@ -28,13 +30,31 @@ class TrainState:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     seed_generators: tuple[keras.random.SeedGenerator, ...]  # RNG of dropout & co, reseeded per step
-    skipped_batches: tf.Variable  # int64: train batches skipped by rollbacks; step s reads batch s + this
+    skipped_batches: tf.Variable  # int64: batches skipped before `step` (derived from the schedule, for readers)
     rollbacks: tf.Variable  # int64: divergence rollbacks so far (trainer.max_rollbacks bounds it)
+    skip_schedule: tf.Variable  # int64 [MAX_SKIPS, 2]: (from step, batches) per rollback in order; (0, 0) unused
 
     @property
     def batch_index(self) -> int:
         """The input position of the next step."""
-        return int(self.step.numpy()) + int(self.skipped_batches.numpy())
+        step = int(self.step.numpy())
+        return step + self.skipped_before(step)
+
+    def skips(self) -> list[tuple[int, int]]:
+        """The skip schedule: (from step, batches) for every rollback so far, in the order they happened."""
+        return [(int(start), int(batches)) for start, batches in self.skip_schedule.numpy() if batches > 0]
+
+    def skipped_before(self, step: int) -> int:
+        """Batches skipped by the time step `step` runs: step `s` reads batch `s + skipped_before(s)`."""
+        return sum(batches for start, batches in self.skips() if start <= step)
+
+    def set_skips(self, skips: list[tuple[int, int]]) -> None:
+        """Replace the skip schedule and bring `skipped_batches` up to date for the current step."""
+        if len(skips) > MAX_SKIPS:
+            raise ValueError(f"more than {MAX_SKIPS} rollbacks in one run: the skip schedule is full")
+        rows = [*skips, *[(0, 0)] * (MAX_SKIPS - len(skips))]
+        self.skip_schedule.assign(tf.constant(rows, tf.int64))
+        self.skipped_batches.assign(self.skipped_before(int(self.step.numpy())))
 
     def checkpoint_items(self) -> dict[str, object]:
         """The trackables a checkpoint saves: `step`, `model/<layer>/<weight>`, `optimizer/<slot>`.
@@ -44,7 +64,8 @@ class TrainState:
         and mismatch reports name real layers.
         """
         return {"model": model_weights_tree(self.model), "optimizer": optimizer_variables_tree(self.optimizer),
-                "step": self.step, "skipped_batches": self.skipped_batches, "rollbacks": self.rollbacks}
+                "step": self.step, "skipped_batches": self.skipped_batches, "rollbacks": self.rollbacks,
+                "skip_schedule": self.skip_schedule}
 
 
 def model_weights_tree(model: keras.Model) -> dict[str, object]:
@@ -83,9 +104,11 @@ def create_train_state(model: keras.Model, optimizer: keras.optimizers.Optimizer
         return tf.Variable(0, dtype=tf.int64, trainable=False, name=name,
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
+    schedule = tf.Variable(tf.zeros([MAX_SKIPS, 2], tf.int64), trainable=False, name="skip_schedule",
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     return TrainState(step=counter("global_step"), model=model, optimizer=optimizer,
                       seed_generators=tuple(_seed_generators(model)), skipped_batches=counter("skipped_batches"),
-                      rollbacks=counter("rollbacks"))
+                      rollbacks=counter("rollbacks"), skip_schedule=schedule)
 
 
 def reseed_random_layers(state: TrainState, *, seed: int, step: tf.Tensor) -> None:

@@ -104,7 +104,7 @@ def test_variables_are_listed_by_group_with_shape_and_dtype(saved_run: Path) -> 
     text = "\n".join(inspection.format_variables(prefix, variables))
     assert "model: 4 variables, 2,410 values" in text
     assert "optimizer: 9 variables" in text  # iteration + 2 slots per weight; the learning rate is config
-    assert "training state: 4 variables" in text  # step, skipped_batches, rollbacks, save_counter
+    assert "training state: 5 variables" in text  # step, skipped_batches, rollbacks, skip_schedule, save_counter
     assert "provenance" not in text  # metadata, shown by format_provenance
     assert text.index("model/logits/kernel") < text.index("optimizer:") < text.index("optimizer/iteration")
 

@@ -187,6 +187,30 @@ def test_nan_is_rolled_back_past_its_batch_and_the_result_does_not_depend_on_res
     assert_ok(train(killed, *data, NAN_MODEL))
     assert compare_checkpoints(reference / "checkpoints" / "ckpt-60", killed / "checkpoints" / "ckpt-60") == []
 
+    # Preempted while replaying towards the skip (one step per loop, so it stops before step 29):
+    # the preemption checkpoint must carry the skip still ahead, or the restart would meet the NaN
+    # again and roll back twice (rollbacks 2, not 1).
+    preempted = tmp_path / "preempted"
+    process = subprocess.Popen(train_command(preempted, *data, NAN_MODEL, "trainer.steps_per_loop=1"),
+                               cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=subprocess_env())
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "rollback 1 of 3" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    stopped_output = process.stdout.read()
+    assert process.wait(timeout=60) == 42, stopped_output[-3000:]
+    stopped_at = int(stopped_output.split("stopped at step ")[1].split()[0])
+    assert 20 <= stopped_at < 29, stopped_output[-3000:]
+    saved = checkpoint_values(preempted / "checkpoints" / f"ckpt-{stopped_at}")
+    assert saved["skip_schedule/.ATTRIBUTES/VARIABLE_VALUE"][0].tolist() == [29, 5]
+    assert saved["skipped_batches/.ATTRIBUTES/VARIABLE_VALUE"] == 0, "the skip lies ahead"
+    resumed = train(preempted, *data, NAN_MODEL)
+    assert_ok(resumed)
+    assert "rollback 1 of 3" not in resumed.stdout + resumed.stderr, "the skip applied without a second rollback"
+    assert compare_checkpoints(reference / "checkpoints" / "ckpt-60", preempted / "checkpoints" / "ckpt-60") == []
+
 
 def test_divergence_beyond_max_rollbacks_stops_with_its_own_exit_code(tmp_path: Path) -> None:
     """The real MLP on a wildly scaled record: a finite loss far above trainer.loss_upper_bound."""

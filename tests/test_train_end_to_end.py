@@ -99,6 +99,7 @@ def test_help_and_cfg_job_work_without_training(tmp_path: Path) -> None:
         ("optimizer.schedule.name=linear", "optimizer.schedule.name"),
         ("model.widths=[3]", "widths"),
         ("preemption.signals=[SIGKILL]", "preemption.signals"),
+        ("trainer.max_rollbacks=65", "trainer.max_rollbacks"),
     ],
 )
 def test_bad_config_is_refused_with_a_message_naming_the_key(run_dir: Path, override: str, named_key: str) -> None:
