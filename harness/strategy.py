@@ -48,11 +48,15 @@ def resolve_strategy_name(config: StrategyConfig) -> str:
 def build_strategy(config: StrategyConfig) -> tf.distribute.Strategy:
     """Build the strategy named by `config.name` (see `resolve_strategy_name`).
 
-    Raises `ConfigError` if the settings cannot apply: `cpu_replicas` with `multi_worker`, a
+    Raises `ConfigError` if the settings cannot apply: `cpu_replicas` with `default` or `multi_worker`, a
     `multi_worker` run without a cluster description, or a runtime that was already initialised.
     """
     name = resolve_strategy_name(config)
     if name == "default":
+        if config.cpu_replicas and config.cpu_replicas > 1:
+            raise ConfigError(f"Config key 'strategy.cpu_replicas' = {config.cpu_replicas} applies to "
+                              "strategy=mirrored (or auto) only: strategy=default trains on one device. Add "
+                              "strategy=mirrored to split the CPU into replicas.")
         strategy = tf.distribute.get_strategy()
     elif name == "mirrored":
         if config.cpu_replicas and config.cpu_replicas > 1:

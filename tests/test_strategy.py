@@ -64,6 +64,11 @@ def test_malformed_tf_config_is_refused(no_cluster: pytest.MonkeyPatch) -> None:
         strategy.build_strategy(StrategyConfig(name="multi_worker"))
 
 
+def test_cpu_replicas_with_the_default_strategy_is_refused() -> None:
+    with pytest.raises(ConfigError, match="applies to strategy=mirrored"):
+        strategy.build_strategy(StrategyConfig(name="default", cpu_replicas=2))
+
+
 def test_cpu_replicas_with_multi_worker_is_refused(no_cluster: pytest.MonkeyPatch) -> None:
     no_cluster.setenv("TF_CONFIG", TWO_WORKERS)
     with pytest.raises(ConfigError, match=re.escape("'strategy.cpu_replicas' = 2 applies to strategy=mirrored only")):
