@@ -200,6 +200,12 @@ def test_mirrored_on_two_cpu_devices_trains_the_same_model(run_dir: Path, single
     assert int(checkpoint_values(run_dir / "checkpoints" / "ckpt-300")["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 300
     difference = max_difference(single_device_run / "checkpoints" / "ckpt-300", run_dir / "checkpoints" / "ckpt-300")
     assert difference < TOLERANCE
+    # Checkpoints hold plain values, not per-replica copies: the run resumes on one device.
+    resumed = run_train(run_dir, *EQUIVALENCE, "trainer.max_steps=350")
+    assert_ok(resumed)
+    assert "strategy: default with 1 replica(s) in sync" in resumed.stdout + resumed.stderr
+    assert "at step 300" in resumed.stdout + resumed.stderr
+    assert int(checkpoint_values(run_dir / "checkpoints" / "ckpt-350")["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 350
 
 
 # -- MultiWorkerMirroredStrategy: 2 processes on loopback --------------------------------------------------
