@@ -28,6 +28,9 @@ def train(cfg: DictConfig):
     from harness.config import to_typed_config
 
     run = to_typed_config(cfg)  # config errors surface before TensorFlow is imported
+    from harness.lean_import import import_tensorflow
+
+    import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
     from harness import attempt, checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
     from harness import export, preemption, progress, run_dir, runtime, state, strategy, summaries, warm_start
     from harness import watchdog
