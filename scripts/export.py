@@ -28,6 +28,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help="a global step or a checkpoint prefix (default: newest)")
     parser.add_argument("--output", default=None, help="export directory (default: RUN_DIR/export)")
     args = parser.parse_args(argv)
+    from harness.lean_import import import_tensorflow
+
+    import_tensorflow()  # a second sooner (harness/lean_import.py)
     from harness import export, inference
 
     loaded = inference.load(args.run_dir, inference.checkpoint_argument(args.checkpoint))

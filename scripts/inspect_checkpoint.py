@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--diff", nargs="*", metavar="OVERRIDE", default=None,
                         help="train.py overrides to compare the checkpoint with (none: the default config)")
     args = parser.parse_args(argv)
+    from harness.lean_import import import_tensorflow
+
+    import_tensorflow()  # a second sooner (harness/lean_import.py)
     from harness import inspection
 
     located = inspection.locate(args.path)

@@ -32,6 +32,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import numpy as np
 
+    from harness.lean_import import import_tensorflow
+
+    import_tensorflow()  # a second sooner (harness/lean_import.py)
     from harness import inference
 
     loaded = inference.load(args.run_dir, inference.checkpoint_argument(args.checkpoint))
