@@ -125,7 +125,8 @@ class Controller:
         iterator = self._iterator()
         window_start, window_time, metrics = step, time.perf_counter(), {}
         while step < max_steps:
-            num_steps = self._steps_until_next_event(step)
+            skip_starts = {start for start, _ in self.state.skips()}  # only a rollback changes it, then `continue`s
+            num_steps = self._steps_until_next_event(step, skip_starts)
             with self.watchdog.phase("train", units=num_steps):
                 self.train_loop(iterator, tf.constant(num_steps, tf.int64))
                 losses = self.train_loop.step_losses.read(num_steps)  # collective: every worker sees the same
@@ -151,7 +152,7 @@ class Controller:
                 window_start = step
             if self._eval_due(step):
                 metrics.update(self.evaluate(step))
-            skip_now = any(start == step for start, _ in self.state.skips())
+            skip_now = step in skip_starts
             if skip_now:  # a rollback skip takes effect here; saved at once below
                 self._apply_skips(step)
                 iterator = self._iterator()
@@ -170,12 +171,12 @@ class Controller:
     def _iterator(self):
         return self.pipeline.distributed_train_iterator(self.strategy, start_step=self.state.batch_index)
 
-    def _steps_until_next_event(self, step: int) -> int:
+    def _steps_until_next_event(self, step: int, skip_starts: set[int]) -> int:
         boundaries = [self.trainer.max_steps, _next_multiple(step, self.trainer.log_every),
                       _next_multiple(step, self.checkpoint_every), step + self.trainer.steps_per_loop]
         if self.trainer.eval_every:
             boundaries.append(_next_multiple(step, self.trainer.eval_every))
-        boundaries += [start for start, _ in self.state.skips() if start > step]
+        boundaries += [start for start in skip_starts if start > step]
         return min(boundaries) - step
 
     # -- divergence rollback -------------------------------------------------------------------------
@@ -220,7 +221,7 @@ class Controller:
 
     def _apply_skips(self, step: int) -> None:
         """The skip schedule's entries for `step` take effect: from here on the input reads further along."""
-        self.state.set_skips(self.state.skips())  # brings skipped_batches up to this step
+        self.state.update_skipped_batches()
         for start, batches in self.state.skips():
             if start == step:
                 log.info("skipping %d batches at step %d (a divergence rollback)", batches, step)

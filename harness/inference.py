@@ -175,15 +175,23 @@ def _read_csv(text: str, path: str) -> np.ndarray:
         raise DataError(f"Input file '{path}' is empty: expected one example per line.")
     if not any(_is_number(field) for field in lines[0].split(",")):
         lines = lines[1:]  # a header: names, not numbers (a row with one typo is not one)
-    rows = []
+    if not lines:
+        raise ValueError("no data lines after the header")
+    try:
+        return np.loadtxt(lines, delimiter=",", dtype=np.float32, ndmin=2)
+    except ValueError:
+        raise ValueError(_first_bad_line(lines)) from None
+
+
+def _first_bad_line(lines: list[str]) -> str:
+    """Why `np.loadtxt` refused the data lines, naming the line (only run once it has)."""
+    widths = set()
     for number, line in enumerate(lines, start=1):
-        try:
-            rows.append([float(field) for field in line.split(",")])
-        except ValueError:
-            raise ValueError(f"data line {number} is not comma-separated numbers: {line[:80]!r}") from None
-    if not rows or len({len(row) for row in rows}) != 1:
-        raise ValueError("the lines do not all hold the same number of values")
-    return np.asarray(rows, dtype=np.float32)
+        fields = line.split(",")
+        if not all(_is_number(field) for field in fields):
+            return f"data line {number} is not comma-separated numbers: {line[:80]!r}"
+        widths.add(len(fields))
+    return "the lines do not all hold the same number of values" if len(widths) > 1 else "not a numeric CSV file"
 
 
 def _is_number(text: str) -> bool:

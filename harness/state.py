@@ -42,7 +42,8 @@ class TrainState:
 
     def skips(self) -> list[tuple[int, int]]:
         """The skip schedule: (from step, batches) for every rollback so far, in the order they happened."""
-        return [(int(start), int(batches)) for start, batches in self.skip_schedule.numpy() if batches > 0]
+        rows = self.skip_schedule.numpy()
+        return [(int(start), int(batches)) for start, batches in rows[rows[:, 1] > 0]]
 
     def skipped_before(self, step: int) -> int:
         """Batches skipped by the time step `step` runs: step `s` reads batch `s + skipped_before(s)`."""
@@ -54,6 +55,10 @@ class TrainState:
             raise ValueError(f"more than {MAX_SKIPS} rollbacks in one run: the skip schedule is full")
         rows = [*skips, *[(0, 0)] * (MAX_SKIPS - len(skips))]
         self.skip_schedule.assign(tf.constant(rows, tf.int64))
+        self.update_skipped_batches()
+
+    def update_skipped_batches(self) -> None:
+        """Set `skipped_batches` to the schedule's total at the current step (call where a skip begins)."""
         self.skipped_batches.assign(self.skipped_before(int(self.step.numpy())))
 
     def checkpoint_items(self) -> dict[str, object]:
