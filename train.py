@@ -31,23 +31,21 @@ def train(cfg: DictConfig):
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
-    from harness import attempt, checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
-    from harness import export, preemption, progress, run_dir, runtime, state, strategy, summaries, warm_start
-    from harness import watchdog
+    from harness import assembly, attempt, checkpointing, controller, data, export, loop, preemption  # noqa: I001
+    from harness import progress, run_dir, runtime, strategy, summaries, warm_start, watchdog
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
                               mixed_precision=run.trainer.mixed_precision)
-    examples = data_sources.load_examples(run.data)
+    task_data = assembly.load_task_data(run)  # the task checks the targets
+    task, examples = task_data.task, task_data.examples
     pipeline = data.build_input(examples, run.data, seed=run.seed, num_replicas=dist.num_replicas_in_sync)
 
     if run.export.enabled and is_chief:
         export.check_export_dir(run.export.dir)  # not hours of training first
     with dist.scope():
-        model = modeling.build_model(run.model, input_shape=examples.input_shape,
-                                     num_classes=examples.num_classes, seed=run.seed)
-        optimizer = optimization.build_optimizer(run.optimizer, max_steps=run.trainer.max_steps)
-        train_state = state.create_train_state(model, optimizer)
+        train_state = assembly.build_train_state(run, task_data)  # refuses a model that does not fit the task
+    model = train_state.model
 
     # Lease on checkpoint.dir and crash-loop check first: a refused start writes nothing.
     with attempt.Attempt(run, is_chief=is_chief, process_started=PROCESS_STARTED) as this_attempt:
@@ -61,10 +59,10 @@ def train(cfg: DictConfig):
         if is_chief:
             run_dir.write_config_record(run.run_dir, run.resolved)
             run_dir.write_model_signature(run.run_dir, input_shape=examples.input_shape,
-                                          num_classes=examples.num_classes)
+                                          input_dtype=examples.input_dtype, task=task)
         this_attempt.begin(start_step or 0)
 
-        train_loop, eval_loop = loop.build_loops(dist, train_state, pipeline, seed=run.seed,
+        train_loop, eval_loop = loop.build_loops(dist, task, train_state, pipeline, seed=run.seed,
                                                  jit_compile=run.trainer.jit_compile,
                                                  steps_per_loop=run.trainer.steps_per_loop)
         with preemption.PreemptionWatcher(run.preemption.signals, exit_code=run.preemption.exit_code) as watcher, \
@@ -75,14 +73,17 @@ def train(cfg: DictConfig):
                 tensorboard.hparams(run.resolved)
             tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())
             outcome = controller.Controller(
-                strategy=dist, state=train_state, pipeline=pipeline, train_loop=train_loop, eval_loop=eval_loop,
+                strategy=dist, task=task, state=train_state, pipeline=pipeline, train_loop=train_loop,
+                eval_loop=eval_loop,
                 checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,
                 progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
                                            max_steps=run.trainer.max_steps, enabled=is_chief),
                 watcher=watcher, trainer=run.trainer, watchdog=hang_watchdog, attempt=this_attempt,
             ).run()
         this_attempt.finish(outcome.status.value, step=outcome.step)
-    export.export_finished_run(model, run.export, status=outcome.status, is_chief=is_chief)
+    export.export_finished_run(model, run.export, task=task, input_shape=examples.input_shape,
+                               input_dtype=examples.input_dtype,
+                               status=outcome.status, is_chief=is_chief)
     return outcome
 
 

@@ -109,7 +109,7 @@ def _build_model(workload: Workload, seed: int = 0):
     from models.mlp import build_mlp
 
     keras.utils.set_random_seed(seed)
-    return build_mlp(input_shape=(workload.input_dim,), num_classes=10, hidden=workload.hidden)
+    return build_mlp(input_shape=(workload.input_dim,), num_outputs=10, hidden=workload.hidden)
 
 
 def hand_written_runner(workload: Workload, *, steps_per_call: int, shuffle: bool = True) -> Runner:
@@ -125,14 +125,14 @@ def hand_written_runner(workload: Workload, *, steps_per_call: int, shuffle: boo
 
     examples = _synthetic_arrays(workload)
     batch = workload.global_batch_size
-    num_train = len(examples.train_labels)
+    num_train = len(examples.train_targets)
     batches_per_epoch = num_train // batch  # drops the remainder of each epoch
 
     def run(num_steps: int) -> float:
         if num_steps % steps_per_call:
             raise ValueError(f"num_steps {num_steps} is not a multiple of steps_per_call {steps_per_call}")
         started = time.perf_counter()
-        features, labels = tf.constant(examples.train_features), tf.constant(examples.train_labels)
+        features, labels = tf.constant(examples.train_features), tf.constant(examples.train_targets)
         model = _build_model(workload)
         optimizer = keras.optimizers.Adam(workload.learning_rate)
         optimizer.build(model.trainable_variables)
@@ -173,7 +173,7 @@ def keras_fit_runner(workload: Workload) -> Runner:
     import keras
 
     examples = _synthetic_arrays(workload)
-    steps_per_epoch = math.ceil(len(examples.train_labels) / workload.global_batch_size)
+    steps_per_epoch = math.ceil(len(examples.train_targets) / workload.global_batch_size)
 
     def run(num_steps: int) -> float:
         if num_steps % steps_per_epoch:
@@ -182,7 +182,7 @@ def keras_fit_runner(workload: Workload) -> Runner:
         model = _build_model(workload)
         model.compile(optimizer=keras.optimizers.Adam(workload.learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(examples.train_features, examples.train_labels, batch_size=workload.global_batch_size,
+        model.fit(examples.train_features, examples.train_targets, batch_size=workload.global_batch_size,
                   epochs=num_steps // steps_per_epoch, verbose=0)
         return time.perf_counter() - started
 
@@ -341,7 +341,7 @@ def bare_import_and_build_seconds(workload: Workload) -> float:
     """A child that only imports TensorFlow + Keras and builds the workload's model."""
     code = ("import os, time; os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2'); import tensorflow, keras; "
             "from models.mlp import build_mlp; "
-            f"build_mlp(input_shape=({workload.input_dim},), num_classes=10, hidden={list(workload.hidden)}); "
+            f"build_mlp(input_shape=({workload.input_dim},), num_outputs=10, hidden={list(workload.hidden)}); "
             "print(time.time())")
     launched, stdout = _run_child([sys.executable, "-c", code])
     return float(stdout.strip().splitlines()[-1]) - launched
@@ -427,16 +427,11 @@ def _copy_run(source_run_dir: str, run_dir: str, prefix: str) -> None:
 
 def _read_throughput(overrides: Sequence[str], source_run_dir: str, files: list[str], *, repeats: int,
                      shuffler: random.Random) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    from harness import checkpointing, config, modeling, optimization, runtime, state
-    from harness.data_sources import load_examples
+    from harness import assembly, checkpointing, config, runtime
 
     run = config.to_typed_config(compose([*overrides, f"run_dir={source_run_dir}"]))
     runtime.configure_runtime(seed=run.seed, deterministic=False, mixed_precision=run.trainer.mixed_precision)
-    examples = load_examples(run.data)
-    model = modeling.build_model(run.model, input_shape=examples.input_shape, num_classes=examples.num_classes,
-                                 seed=run.seed)
-    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer,
-                                                                               max_steps=run.trainer.max_steps))
+    train_state = assembly.build_train_state(run, assembly.load_task_data(run))
     checkpointer = checkpointing.Checkpointer.from_config(train_state, run.checkpoint, async_save=False,
                                                           is_chief=True)
     for path in files:  # dirty pages cannot be dropped from the cache

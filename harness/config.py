@@ -41,7 +41,7 @@ def _require(condition: bool, key: str, value: Any, expected: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: any `_target_` callable taking (input_shape=..., num_classes=..., **fields) -> keras.Model
+# Models: any `_target_` callable taking (input_shape=..., num_outputs=..., **fields) -> keras.Model
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class MLPConfig:
@@ -59,6 +59,30 @@ class CNNConfig:
     dense: int = 64  # width of the dense layer before the classifier
     dropout: float = 0.0
     activation: str = "relu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: any `_target_` Task subclass (harness/tasks/); the other keys are its constructor's arguments
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ClassificationTaskConfig:
+    _target_: str = "harness.tasks.classification.Classification"
+    num_classes: int | None = None  # None = the data source's class count (or the largest label + 1)
+
+
+@dataclass
+class RegressionTaskConfig:
+    _target_: str = "harness.tasks.regression.Regression"
+    loss: str = "mse"  # mse | mae | huber, on standardised targets
+    huber_delta: float = 1.0  # huber: where the loss turns from quadratic to linear (standardised units)
+    standardize_targets: bool = True  # train on targets scaled to mean 0, std 1; report in target units
+
+
+@dataclass
+class LanguageModelTaskConfig:
+    _target_: str = "harness.tasks.language_model.LanguageModel"
+    vocab_size: int | None = None  # None = the data source's vocabulary (256 for data=text)
+    bytes_per_token: float = 1.0  # bits_per_byte = bits per token / this (1 for byte-level text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +132,21 @@ class NpzDataConfig(FileDataConfig):
 class TFRecordDataConfig(FileDataConfig):
     name: str = "tfrecord"  # tf.train.Example records: a fixed-length float/int64 feature and an int64 label
     feature_shape: list[int] | None = None  # reshape each flat feature vector to this; None = keep it flat
+
+
+@dataclass
+class DiabetesDataConfig(DataConfig):
+    name: str = "diabetes"  # scikit-learn's bundled diabetes data: 442 patients, 10 features, a float target
+    eval_examples: int = 88  # held out for eval (20%), chosen by split_seed
+    split_seed: int = 0  # which examples are held out; independent of the run's seed
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    name: str = "text"  # byte-level windows of a text file, for task=language_model
+    path: str | None = None  # a text file; None = the default corpus (Python's documentation, no download)
+    seq_len: int = 128  # tokens (bytes) the model sees per example; targets are the next ones
+    eval_fraction: float = 0.1  # the end of the text held out for eval
 
 
 @dataclass
@@ -252,6 +291,7 @@ class Config:
     run_dir: str = "outputs/${experiment}${harness_job_suffix:}"  # stable across restarts
     seed: int = 0  # model init, dropout and data order all derive from it
     deterministic: bool = False  # bitwise-reproducible ops (slower on some devices)
+    task: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING
     optimizer: Any = MISSING
@@ -271,9 +311,11 @@ class Config:
 
 
 SCHEMAS_BY_GROUP: dict[str, dict[str, type]] = {
+    "task": {"classification": ClassificationTaskConfig, "regression": RegressionTaskConfig,
+             "language_model": LanguageModelTaskConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig},
     "data": {"synthetic": SyntheticDataConfig, "npz": NpzDataConfig, "tfrecord": TFRecordDataConfig,
-             "digits": DigitsDataConfig},
+             "digits": DigitsDataConfig, "diabetes": DiabetesDataConfig, "text": TextDataConfig},
     "optimizer": {"adam": AdamConfig, "adamw": AdamWConfig, "sgd": SGDConfig},
 }
 
@@ -356,6 +398,7 @@ class RunConfig:
     run_dir: str
     seed: int
     deterministic: bool
+    task: dict[str, Any]  # `_target_` (a Task subclass) plus its constructor's keyword arguments
     model: dict[str, Any]  # `_target_` plus the builder's keyword arguments
     data: DataConfig
     optimizer: OptimizerConfig
@@ -382,7 +425,7 @@ def to_typed_config(cfg: DictConfig) -> RunConfig:
     except Exception as error:  # omegaconf raises several types, all naming the key
         raise ConfigError(f"The configuration does not resolve: {error}") from None
     assert isinstance(resolved, dict)
-    top_level = {k: v for k, v in resolved.items() if k not in ("model", "data", "optimizer")}
+    top_level = {k: v for k, v in resolved.items() if k not in ("task", "model", "data", "optimizer")}
     top_level["checkpoint"] = {k: v for k, v in resolved["checkpoint"].items() if k != "async"}
     _reject_unknown_keys(Config, top_level, prefix="")
     checkpoint_values = dict(resolved["checkpoint"])
@@ -392,6 +435,7 @@ def to_typed_config(cfg: DictConfig) -> RunConfig:
         run_dir=resolved["run_dir"],
         seed=resolved["seed"],
         deterministic=resolved["deterministic"],
+        task=dict(resolved["task"]),
         model=dict(resolved["model"]),
         data=_from_dict(_group_schema("data", resolved), resolved["data"]),
         optimizer=_from_dict(_group_schema("optimizer", resolved), resolved["optimizer"]),
@@ -467,6 +511,8 @@ def _reject_unknown_keys(schema: type, values: dict[str, Any], *, prefix: str) -
 def validate(run: RunConfig) -> None:
     """Range and consistency checks that types cannot express."""
     _require("_target_" in run.model, "model._target_", None, "a model builder such as models.mlp.build_mlp")
+    _require("_target_" in run.task, "task._target_", None, "a Task class such as "
+             "harness.tasks.classification.Classification")
     t = run.trainer
     _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "a positive number of steps")
     _require(t.steps_per_loop > 0, "trainer.steps_per_loop", t.steps_per_loop, "a positive integer")

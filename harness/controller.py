@@ -34,6 +34,7 @@ from harness.progress import Progress
 from harness.state import TrainState
 from harness.strategy import num_workers
 from harness.summaries import Summaries
+from harness.tasks import Task
 from harness.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Controller:
     """Drives training from the restored step to `trainer.max_steps`."""
 
     strategy: tf.distribute.Strategy
+    task: Task  # turns the accumulated sums into the metrics that are logged
     state: TrainState
     pipeline: SeekableInput
     train_loop: TrainLoop
@@ -232,32 +234,30 @@ class Controller:
     def _log_train(self, step: int, *, steps: int, seconds: float) -> dict[str, float]:
         sums = self.train_loop.metrics.read_and_reset()  # reading syncs with the device
         steps_per_second = steps / seconds if seconds > 0 else 0.0
-        metrics = {
-            "loss": sums["loss"] / max(steps, 1),
-            "accuracy": sums["correct"] / max(sums["examples"], 1.0),
-            "learning_rate": current_learning_rate(self.state.optimizer),
-        }
+        metrics = {"loss": sums["loss"] / max(steps, 1), **self.task.metrics(sums),
+                   "learning_rate": current_learning_rate(self.state.optimizer)}
         self.summaries.scalars(step, {
-            "train/loss": metrics["loss"], "train/accuracy": metrics["accuracy"],
-            "train/learning_rate": metrics["learning_rate"], "perf/steps_per_second": steps_per_second,
+            **{f"train/{name}": value for name, value in metrics.items()},
+            "perf/steps_per_second": steps_per_second,
             "perf/examples_per_second": steps_per_second * self.pipeline.global_batch_size,
         })
         self.summaries.flush()  # live TensorBoard sees every log step, not only checkpointed ones
-        self.progress.report(step, {"loss": metrics["loss"], "acc": metrics["accuracy"],
+        shown = self.task.progress_metric
+        self.progress.report(step, {"loss": metrics["loss"], **({shown: metrics[shown]} if shown else {}),
                                     "lr": metrics["learning_rate"]})
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Loss and accuracy over the whole eval split at the current weights."""
+        """The loss and the task's metrics over the whole eval split at the current weights."""
         started = time.perf_counter()
         with self.watchdog.phase("eval"):
             self.eval_loop(self.pipeline.distributed_eval_dataset(self.strategy))
         sums = self.eval_loop.metrics.read_and_reset()
-        results = {"eval_loss": sums["loss"] / sums["examples"], "eval_accuracy": sums["correct"] / sums["examples"]}
-        self.summaries.scalars(step, {"eval/loss": results["eval_loss"], "eval/accuracy": results["eval_accuracy"]})
-        self.progress.message(f"eval at step {step}: loss {results['eval_loss']:.4f}, accuracy "
-                              f"{results['eval_accuracy']:.4f} ({time.perf_counter() - started:.2f}s)")
-        return results
+        results = {"loss": sums["loss"] / sums["examples"], **self.task.metrics(sums)}
+        self.summaries.scalars(step, {f"eval/{name}": value for name, value in results.items()})
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in results.items())
+        self.progress.message(f"eval at step {step}: {shown} ({time.perf_counter() - started:.2f}s)")
+        return {f"eval_{name}": value for name, value in results.items()}
 
     def _wait_for_saves(self) -> None:
         """Block until an in-flight async save is on disk (a hung write is the watchdog's)."""

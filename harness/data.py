@@ -30,10 +30,11 @@ from harness.errors import ConfigError
 
 
 class Batch(NamedTuple):
-    """One per-replica batch: features, int32 labels and float32 example weights (0 = padding)."""
+    """One per-replica batch: features, targets (whatever the task learns) and float32 example
+    weights (0 = padding)."""
 
     features: tf.Tensor
-    labels: tf.Tensor
+    targets: tf.Tensor
     weights: tf.Tensor
 
 
@@ -56,7 +57,7 @@ class SeekableInput:
                     f"Config key '{key}' = {size} is not divisible by the {num_replicas} replicas in sync: "
                     f"expected a multiple of {num_replicas} so every replica gets the same number of examples."
                 )
-        num_train = len(examples.train_labels)
+        num_train = len(examples.train_targets)
         if global_batch_size > num_train:
             raise ConfigError(
                 f"Config key 'data.global_batch_size' = {global_batch_size} exceeds the {num_train} training "
@@ -68,12 +69,12 @@ class SeekableInput:
         self.shuffle_seed = shuffle_seed
         self.prefetch = prefetch
         self.num_replicas = num_replicas
-        self.eval_steps = math.ceil(len(examples.eval_labels) / eval_batch_size)
+        self.eval_steps = math.ceil(len(examples.eval_targets) / eval_batch_size)
 
     # -- pure functions of the position -----------------------------------------------------------
     def train_indices(self, positions: tf.Tensor) -> tf.Tensor:
         """Training-set indices of stream positions (int64 vector): epoch-wise fresh permutations."""
-        num_train = len(self.examples.train_labels)
+        num_train = len(self.examples.train_targets)
         epochs = positions // num_train
         seeds = tf.stack([tf.fill(tf.shape(epochs), tf.constant(self.shuffle_seed, tf.int64)), epochs,
                           tf.zeros_like(epochs)], axis=1)
@@ -85,20 +86,20 @@ class SeekableInput:
         """The whole global batch of a step, as numpy (for tests and inspection)."""
         positions = step * self.global_batch_size + tf.range(self.global_batch_size, dtype=tf.int64)
         indices = self.train_indices(positions).numpy()
-        return self.examples.train_features[indices], self.examples.train_labels[indices]
+        return self.examples.train_features[indices], self.examples.train_targets[indices]
 
     # -- datasets ----------------------------------------------------------------------------------
     def train_dataset(self, context: tf.distribute.InputContext, *, start_step: int) -> tf.data.Dataset:
         """One input pipeline's endless per-replica train batches, from global step `start_step`."""
         features = tf.constant(self.examples.train_features)
-        labels = tf.constant(self.examples.train_labels)
+        targets = tf.constant(self.examples.train_targets)
         per_replica = context.get_per_replica_batch_size(self.global_batch_size)
         local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
 
         def make_batch(element: tf.Tensor) -> Batch:
             step = start_step + element // local_replicas
             replica = context.input_pipeline_id * local_replicas + element % local_replicas
-            return self.replica_train_batch(features, labels, step=step, replica=replica, per_replica=per_replica)
+            return self.replica_train_batch(features, targets, step=step, replica=replica, per_replica=per_replica)
 
         dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).map(
             make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -107,8 +108,8 @@ class SeekableInput:
     def eval_dataset(self, context: tf.distribute.InputContext) -> tf.data.Dataset:
         """One input pipeline's share of the eval split, padded with weight-0 examples."""
         features = tf.constant(self.examples.eval_features)
-        labels = tf.constant(self.examples.eval_labels)
-        num_eval = len(self.examples.eval_labels)
+        targets = tf.constant(self.examples.eval_targets)
+        num_eval = len(self.examples.eval_targets)
         per_replica = context.get_per_replica_batch_size(self.eval_batch_size)
         local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
 
@@ -117,18 +118,18 @@ class SeekableInput:
             replica = context.input_pipeline_id * local_replicas + element % local_replicas
             positions = step * self.eval_batch_size + replica * per_replica + tf.range(per_replica, dtype=tf.int64)
             indices = tf.minimum(positions, num_eval - 1)
-            return Batch(tf.gather(features, indices), tf.gather(labels, indices),
+            return Batch(tf.gather(features, indices), tf.gather(targets, indices),
                          tf.cast(positions < num_eval, tf.float32))
 
         dataset = tf.data.Dataset.range(self.eval_steps * local_replicas).map(make_batch)
         return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
-    def replica_train_batch(self, features: tf.Tensor, labels: tf.Tensor, *, step: tf.Tensor, replica: tf.Tensor,
+    def replica_train_batch(self, features: tf.Tensor, targets: tf.Tensor, *, step: tf.Tensor, replica: tf.Tensor,
                             per_replica: int) -> Batch:
         """Replica `replica`'s share of global step `step`, gathered from the training arrays (pure TF)."""
         first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
         indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
-        return Batch(tf.gather(features, indices), tf.gather(labels, indices), tf.ones([per_replica], tf.float32))
+        return Batch(tf.gather(features, indices), tf.gather(targets, indices), tf.ones([per_replica], tf.float32))
 
     def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
         """An iterator of per-replica train batches starting at global step `start_step`.
@@ -161,7 +162,7 @@ class StepIterator:
         self._per_replica = pipeline.global_batch_size // strategy.num_replicas_in_sync
         with tf.init_scope(), tf.device("/device:CPU:0"):  # host memory, like a tf.data pipeline
             self._features = tf.constant(pipeline.examples.train_features)
-            self._labels = tf.constant(pipeline.examples.train_labels)
+            self._targets = tf.constant(pipeline.examples.train_targets)
             self.position = tf.Variable(start_step, dtype=tf.int64, trainable=False, name="input_position")
 
     def __iter__(self) -> StepIterator:
@@ -174,7 +175,7 @@ class StepIterator:
             # Gather on the host: placed on an accelerator, the op would copy all training arrays there.
             with tf.device("/device:CPU:0"):
                 return self._pipeline.replica_train_batch(
-                    self._features, self._labels, step=step, replica=context.replica_id_in_sync_group,
+                    self._features, self._targets, step=step, replica=context.replica_id_in_sync_group,
                     per_replica=self._per_replica)
 
         return self._strategy.experimental_distribute_values_from_function(replica_batch)

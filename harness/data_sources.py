@@ -1,9 +1,11 @@
 """Example sources: where the examples come from, as in-memory arrays with a fixed eval split.
 
-Owns: loading or generating (features, labels) for the train and eval splits and checking them.
-Every source returns `ExampleArrays`; the seekable pipeline in `harness/data.py` does the rest, so
-a new source only has to produce arrays. Sources (`SOURCES`, one per `data=` choice): `synthetic`
-(generated), `digits` (scikit-learn's bundled digits, no download), and user files `npz` and
+Owns: loading or generating (features, targets) for the train and eval splits and checking them.
+Every source returns `ExampleArrays`; the task (`harness/tasks/`) checks that the targets are of
+the kind it learns, and the seekable pipeline in `harness/data.py` does the rest, so a new source
+only has to produce arrays. Sources (`SOURCES`, one per `data=` choice): `synthetic` (generated
+classes), `digits` and `diabetes` (scikit-learn's bundled data sets, no download), `text` (bytes
+of a text file; by default English text shipped with Python), and user files `npz` and
 `tfrecord`, whose layout is checked on load: a bad file raises one `DataError` naming the file, the
 key and what was expected (exit code 2), never a traceback.
 """
@@ -15,17 +17,19 @@ import math
 import re
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tensorflow as tf
 
 from harness.config import (
     DataConfig,
+    DiabetesDataConfig,
     DigitsDataConfig,
     FileDataConfig,
     NpzDataConfig,
     SyntheticDataConfig,
+    TextDataConfig,
     TFRecordDataConfig,
 )
 from harness.errors import DataError
@@ -33,17 +37,23 @@ from harness.errors import DataError
 
 @dataclass(frozen=True)
 class ExampleArrays:
-    """Examples of one data set: features float32 (N, *input_shape), labels int32 (N,)."""
+    """Examples of one data set: features (N, *input_shape) float32 (int32 for token ids), and targets
+    (N, ...): int32 class or token ids, or float32 values; what they must be is the task's business."""
 
     train_features: np.ndarray
-    train_labels: np.ndarray
+    train_targets: np.ndarray
     eval_features: np.ndarray
-    eval_labels: np.ndarray
-    num_classes: int
+    eval_targets: np.ndarray
+    num_classes: int | None = None  # distinct target ids, where the source knows them (classes, vocabulary)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_features.shape[1:])
+
+    @property
+    def input_dtype(self) -> str:
+        """The model's input dtype: 'float32' features or 'int32' token ids."""
+        return self.train_features.dtype.name
 
 
 def synthetic(config: SyntheticDataConfig) -> ExampleArrays:
@@ -108,8 +118,7 @@ def _from_files(config: FileDataConfig, read: Callable[..., tuple[np.ndarray, np
     features, labels = read(config.path, config, key="data.path")
     if config.eval_path is not None:
         eval_features, eval_labels = read(config.eval_path, config, key="data.eval_path")
-        num_classes = config.num_classes or int(max(labels.max(), eval_labels.max())) + 1
-        return ExampleArrays(features, labels, eval_features, eval_labels, num_classes)
+        return ExampleArrays(features, labels, eval_features, eval_labels, config.num_classes)
     if not 0.0 < config.eval_fraction < 1.0:
         raise DataError(f"Config key 'data.eval_fraction' = {config.eval_fraction} is invalid: expected a "
                         "fraction in (0, 1), or set data.eval_path to a separate eval file.")
@@ -119,11 +128,11 @@ def _from_files(config: FileDataConfig, read: Callable[..., tuple[np.ndarray, np
                         f"data.eval_fraction = {config.eval_fraction} for eval and still train; expected more "
                         "examples, or a separate eval file in data.eval_path.")
     return _held_out(features, labels, eval_count=eval_count, split_seed=config.split_seed,
-                     num_classes=config.num_classes or int(labels.max()) + 1)
+                     num_classes=config.num_classes)
 
 
 def _held_out(features: np.ndarray, labels: np.ndarray, *, eval_count: int, split_seed: int,
-              num_classes: int) -> ExampleArrays:
+              num_classes: int | None) -> ExampleArrays:
     """Split off `eval_count` examples chosen by `split_seed` (files are often sorted by class)."""
     order = np.random.default_rng(split_seed).permutation(len(labels))
     eval_rows, train_rows = np.sort(order[:eval_count]), np.sort(order[eval_count:])
@@ -133,7 +142,7 @@ def _held_out(features: np.ndarray, labels: np.ndarray, *, eval_count: int, spli
 
 def _read_npz(path: str, config: FileDataConfig, *, key: str) -> tuple[np.ndarray, np.ndarray]:
     expected = (f"a .npz archive written by numpy.savez with arrays '{config.features_key}' (N, ...) of numbers "
-                f"and '{config.labels_key}' (N,) of integer class ids")
+                f"and '{config.labels_key}' (N,) or (N, k) of targets (class ids, or values for a regression)")
     if not tf.io.gfile.exists(path):
         raise DataError(f"Config key '{key}' = '{path}': no such file. Expected {expected}.")
     with tf.io.gfile.GFile(path, "rb") as handle:  # gfile: local paths, gs://, hdfs://
@@ -162,8 +171,8 @@ def _read_npz(path: str, config: FileDataConfig, *, key: str) -> tuple[np.ndarra
 
 def _read_tfrecord(path: str, config: TFRecordDataConfig, *, key: str) -> tuple[np.ndarray, np.ndarray]:
     expected = (f"TFRecord files of tf.train.Example records, each with a feature '{config.features_key}' of a "
-                f"fixed number of float or int64 values and an int64 feature '{config.labels_key}' holding one "
-                "class id")
+                f"fixed number of float or int64 values and a feature '{config.labels_key}' holding one int64 "
+                "class id or a fixed number of float targets")
     files = sorted(tf.io.gfile.glob(path))
     if not files:
         raise DataError(f"Config key '{key}' = '{path}' matches no file. Expected {expected}.")
@@ -215,17 +224,24 @@ def _example_spec(record: bytes, config: TFRecordDataConfig, *, path: str, key: 
         raise DataError(f"{where}: feature '{config.features_key}' holds {kind or 'nothing'}; expected float or "
                         f"int64 values (decode images to numbers when writing the records). Expected {expected}.")
     label = example.features.feature[config.labels_key]
-    if label.WhichOneof("kind") != "int64_list" or len(label.int64_list.value) != 1:
-        raise DataError(f"{where}: feature '{config.labels_key}' is not one int64 class id ({label}). "
-                        f"Expected {expected}.")
+    label_kind = label.WhichOneof("kind")
+    if label_kind == "int64_list" and len(label.int64_list.value) == 1:
+        label_spec = tf.io.FixedLenFeature([], tf.int64)
+    elif label_kind == "float_list" and len(label.float_list.value) >= 1:
+        count = len(label.float_list.value)
+        label_spec = tf.io.FixedLenFeature([] if count == 1 else [count], tf.float32)
+    else:
+        raise DataError(f"{where}: feature '{config.labels_key}' is neither one int64 class id nor float "
+                        f"targets ({label}). Expected {expected}.")
     dtype = tf.float32 if kind == "float_list" else tf.int64
     return {config.features_key: tf.io.FixedLenFeature([len(getattr(feature, kind).value)], dtype),
-            config.labels_key: tf.io.FixedLenFeature([], tf.int64)}
+            config.labels_key: label_spec}
 
 
 def _checked_arrays(features: np.ndarray, labels: np.ndarray, *, path: str, key: str,
                     expected: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 features (N, ...) and int32 labels (N,), or a `DataError` naming the file."""
+    """float32 features (N, ...) and targets (N,) or (N, k): int32 if integers, else float32; or a
+    `DataError` naming the file. Whether the targets suit the task is the task's check."""
     where = f"Data file '{path}' ({key})"
     if features.dtype.kind not in "biuf":
         raise DataError(f"{where}: features have dtype {features.dtype}; expected numbers. Expected {expected}.")
@@ -234,19 +250,16 @@ def _checked_arrays(features: np.ndarray, labels: np.ndarray, *, path: str, key:
                         f"(N, ...). Expected {expected}.")
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.ndim != 1:
-        raise DataError(f"{where}: labels have shape {labels.shape}; expected (N,) class ids (store one-hot "
-                        f"labels as their argmax). Expected {expected}.")
+    if labels.ndim not in (1, 2):
+        raise DataError(f"{where}: labels have shape {labels.shape}; expected (N,) or (N, k) targets. "
+                        f"Expected {expected}.")
     if len(features) != len(labels) or not len(labels):
         raise DataError(f"{where} has {len(features)} feature rows and {len(labels)} labels; expected the same "
                         f"number, at least one. Expected {expected}.")
-    integral_floats = labels.dtype.kind == "f" and bool(np.all(labels == np.round(labels)))
-    if labels.dtype.kind not in "biu" and not integral_floats:
-        raise DataError(f"{where}: labels have dtype {labels.dtype} and are not all whole numbers; expected "
-                        f"integer class ids. Expected {expected}.")
-    if labels.min() < 0:
-        raise DataError(f"{where}: labels include {labels.min()}; expected class ids 0, 1, 2, ...")
-    return features.astype(np.float32, copy=False), labels.astype(np.int32)
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{where}: labels have dtype {labels.dtype}; expected numbers. Expected {expected}.")
+    targets = labels.astype(np.int32) if labels.dtype.kind in "biu" else labels.astype(np.float32, copy=False)
+    return features.astype(np.float32, copy=False), targets
 
 
 def _first_line(error: tf.errors.OpError) -> str:
@@ -255,31 +268,102 @@ def _first_line(error: tf.errors.OpError) -> str:
     return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
-SOURCES: dict[str, Callable[..., ExampleArrays]] = {"synthetic": synthetic, "digits": digits, "npz": npz,
-                                                    "tfrecord": tfrecord}
+def diabetes(config: DiabetesDataConfig) -> ExampleArrays:
+    """scikit-learn's bundled diabetes data set: 442 patients, 10 features, a float target (disease
+    progression after one year, 25..346), shipped inside the package.
+
+    Features are standardised with the training split's mean and standard deviation; the target is
+    left in its units (`task=regression` standardises it for training and reports in its units).
+    `eval_examples` of them, chosen by `split_seed`, form the eval split.
+    """
+    from sklearn.datasets import load_diabetes  # only this source needs scikit-learn; it reads no network
+
+    bunch = load_diabetes(scaled=False)
+    features, targets = bunch.data.astype(np.float64), bunch.target.astype(np.float32)
+    if not 1 <= config.eval_examples < len(targets):
+        raise DataError(f"Config key 'data.eval_examples' = {config.eval_examples} is invalid: expected 1 to "
+                        f"{len(targets) - 1} (the diabetes data set has {len(targets)} examples).")
+    arrays = _held_out(features, targets, eval_count=config.eval_examples, split_seed=config.split_seed,
+                       num_classes=None)
+    mean, std = arrays.train_features.mean(axis=0), arrays.train_features.std(axis=0)
+    return replace(arrays, train_features=((arrays.train_features - mean) / std).astype(np.float32),
+                   eval_features=((arrays.eval_features - mean) / std).astype(np.float32))
+
+
+BYTE_VOCABULARY = 256
+
+
+def text(config: TextDataConfig) -> ExampleArrays:
+    """Byte-level language-model windows of a text file: inputs `seq_len` bytes, targets the next ones.
+
+    Window `i` is bytes `[i * seq_len, (i + 1) * seq_len]` (seq_len + 1 bytes, inputs and targets
+    shifted by one); the last `eval_fraction` of the file is the eval split. `data.path` null reads
+    the default corpus: the English text of Python's own reference documentation (`pydoc_data`,
+    part of every Python installation), so it needs no download.
+    """
+    if config.seq_len < 1:
+        raise DataError(f"Config key 'data.seq_len' = {config.seq_len} is invalid: expected a positive number "
+                        "of tokens.")
+    if not 0.0 < config.eval_fraction < 1.0:
+        raise DataError(f"Config key 'data.eval_fraction' = {config.eval_fraction} is invalid: expected a "
+                        "fraction in (0, 1) of the text held out (at its end) for eval.")
+    tokens = _text_bytes(config.path)
+    split = int(len(tokens) * (1.0 - config.eval_fraction))
+    train, evaluation = (_windows(part, config.seq_len) for part in (tokens[:split], tokens[split:]))
+    if not len(train) or not len(evaluation):
+        raise DataError(f"The text in '{config.path or DEFAULT_CORPUS}' has {len(tokens)} bytes: too few for "
+                        f"windows of data.seq_len + 1 = {config.seq_len + 1} bytes in both the train split and "
+                        f"the eval split (the last data.eval_fraction = {config.eval_fraction}); expected a "
+                        "longer text or a shorter data.seq_len.")
+    return ExampleArrays(train[:, :-1], train[:, 1:], evaluation[:, :-1], evaluation[:, 1:], BYTE_VOCABULARY)
+
+
+DEFAULT_CORPUS = "Python's reference documentation (pydoc_data.topics)"
+
+
+def _text_bytes(path: str | None) -> np.ndarray:
+    if path is None:
+        from pydoc_data.topics import topics  # English prose shipped with CPython's standard library
+
+        return np.frombuffer("\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8"), np.uint8)
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+        raise DataError(f"Config key 'data.path' = '{path}': no such file. Expected a text file (any bytes; each "
+                        "byte is one token), or data.path=null for the default corpus.")
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return np.frombuffer(handle.read(), np.uint8)
+
+
+def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Non-overlapping windows of `seq_len + 1` tokens (int32), consecutive ones sharing one token."""
+    count = (len(tokens) - 1) // seq_len
+    starts = np.arange(count)[:, None] * seq_len
+    return tokens[starts + np.arange(seq_len + 1)].astype(np.int32)
+
+
+SOURCES: dict[str, Callable[..., ExampleArrays]] = {"synthetic": synthetic, "digits": digits, "diabetes": diabetes,
+                                                    "text": text, "npz": npz, "tfrecord": tfrecord}
 
 
 def load_examples(config: DataConfig) -> ExampleArrays:
-    """The examples named by `data.name`, checked for shape and label range."""
+    """The examples named by `data.name`, checked for shapes and finite features."""
     arrays = SOURCES[config.name](config)
     check_examples(arrays, source=config.name)
     return arrays
 
 
 def check_examples(arrays: ExampleArrays, *, source: str) -> None:
-    """Raise `DataError` if the arrays cannot be trained on."""
-    for split, features, labels in (("train", arrays.train_features, arrays.train_labels),
-                                    ("eval", arrays.eval_features, arrays.eval_labels)):
+    """Raise `DataError` if the arrays cannot be trained on (whatever the task)."""
+    for split, features, targets in (("train", arrays.train_features, arrays.train_targets),
+                                     ("eval", arrays.eval_features, arrays.eval_targets)):
         if len(features) == 0:
             raise DataError(f"Data source '{source}' has no {split} examples.")
-        if len(features) != len(labels):
+        if len(features) != len(targets):
             raise DataError(f"Data source '{source}': {split} split has {len(features)} feature rows but "
-                            f"{len(labels)} labels; expected one label per example.")
-        if labels.min() < 0 or labels.max() >= arrays.num_classes:
-            raise DataError(f"Data source '{source}': {split} labels span [{labels.min()}, {labels.max()}] but "
-                            f"num_classes is {arrays.num_classes}; expected labels in [0, {arrays.num_classes - 1}].")
-        if not np.isfinite(features).all():
+                            f"{len(targets)} targets; expected one target per example.")
+        if features.dtype.kind == "f" and not np.isfinite(features).all():
             raise DataError(f"Data source '{source}': {split} features contain NaN or infinite values.")
-    if arrays.train_features.shape[1:] != arrays.eval_features.shape[1:]:
-        raise DataError(f"Data source '{source}': train examples have shape {arrays.train_features.shape[1:]} but "
-                        f"eval examples {arrays.eval_features.shape[1:]}; expected the same shape.")
+    for what, train, evaluation in (("examples", arrays.train_features, arrays.eval_features),
+                                    ("targets", arrays.train_targets, arrays.eval_targets)):
+        if train.shape[1:] != evaluation.shape[1:]:
+            raise DataError(f"Data source '{source}': train {what} have shape {train.shape[1:]} but eval {what} "
+                            f"{evaluation.shape[1:]}; expected the same shape.")

@@ -4,9 +4,11 @@ Owns: the export directory's layout (`model.keras`, `saved_model/`). Guarantees:
 written under a temporary name and renamed into place, so a reader never sees a half-written one
 (an interrupted export leaves the previous artifact or none, plus a `*.tmp-*` leftover).
 `model.keras` reloads with `keras.saving.load_model` (custom layers must be registered with
-`keras.saving.register_keras_serializable`, as models/residual_mlp.py does); `saved_model/` has a
-`serve` endpoint mapping float32 `(batch, *input_shape)` to logits and needs no Python code of
-this project. Exporting reads the model's variables only; the checkpoints are untouched.
+`keras.saving.register_keras_serializable`, as models/residual_mlp.py does) and returns the model's
+raw outputs; `saved_model/` has a `serve` endpoint mapping `(batch, *input_shape)` inputs to the
+task's outputs (`Task.serving_outputs`: logits for classification, values in target units for
+regression) and needs no Python code of this project. Exporting reads the model's variables only;
+the checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tensorflow as tf
 from harness.config import ExportConfig
 from harness.controller import Status
 from harness.errors import ConfigError, HarnessError
+from harness.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +58,15 @@ def check_export_dir(directory: str, *, key: str = "export.dir") -> None:
                           "at a writable directory (or set export.enabled=false).")
 
 
-def export_model(model: keras.Model, directory: str) -> ExportPaths:
+def export_model(model: keras.Model, directory: str, *, task: Task, input_shape: tuple[int, ...],
+                 input_dtype: str) -> ExportPaths:
     """Write `directory/model.keras` and `directory/saved_model/`, replacing earlier exports.
 
     Raises `ExportError` if the directory cannot be written.
     """
     try:
-        return _write_artifacts(model, directory)
+        return _write_artifacts(model, directory, task=task,
+                                input_spec=tf.TensorSpec((None, *input_shape), tf.as_dtype(input_dtype)))
     except (OSError, tf.errors.OpError) as error:
         message = getattr(error, "message", None) or str(error)
         raise ExportError(f"Exporting {model.name} to '{directory}' failed: {message.splitlines()[0][:300]}. Nothing "
@@ -69,7 +74,7 @@ def export_model(model: keras.Model, directory: str) -> ExportPaths:
                           "scripts/export.py --output DIR) exports again.") from None
 
 
-def _write_artifacts(model: keras.Model, directory: str) -> ExportPaths:
+def _write_artifacts(model: keras.Model, directory: str, *, task: Task, input_spec: tf.TensorSpec) -> ExportPaths:
     tf.io.gfile.makedirs(directory)
     paths = ExportPaths(os.path.join(directory, KERAS_FILE), os.path.join(directory, SAVED_MODEL_DIR))
     suffix = f"tmp-{os.getpid()}"
@@ -81,7 +86,12 @@ def _write_artifacts(model: keras.Model, directory: str) -> ExportPaths:
     temporary_dir = f"{paths.saved_model_dir}.{suffix}"
     if tf.io.gfile.exists(temporary_dir):
         tf.io.gfile.rmtree(temporary_dir)
-    model.export(temporary_dir, format="tf_saved_model", verbose=False)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda inputs: task.serving_outputs(tf.cast(model(inputs, training=False),
+                                                                              tf.float32)),
+                         input_signature=[input_spec])
+    archive.write_out(temporary_dir, verbose=False)
     if tf.io.gfile.exists(paths.saved_model_dir):
         tf.io.gfile.rmtree(paths.saved_model_dir)  # directories cannot be renamed over
     tf.io.gfile.rename(temporary_dir, paths.saved_model_dir)
@@ -94,7 +104,8 @@ def exported(directory: str) -> bool:
     return all(tf.io.gfile.exists(os.path.join(directory, name)) for name in (KERAS_FILE, SAVED_MODEL_DIR))
 
 
-def export_finished_run(model: keras.Model, config: ExportConfig, *, status: Status, is_chief: bool) -> None:
+def export_finished_run(model: keras.Model, config: ExportConfig, *, task: Task, input_shape: tuple[int, ...],
+                        input_dtype: str, status: Status, is_chief: bool) -> None:
     """train.py's hook: the chief exports once training has completed (`export.enabled`).
 
     A rerun of an already complete run exports only if the export is missing (say the first
@@ -104,4 +115,4 @@ def export_finished_run(model: keras.Model, config: ExportConfig, *, status: Sta
         return
     if status is Status.ALREADY_COMPLETE and exported(config.dir):
         return
-    export_model(model, config.dir)
+    export_model(model, config.dir, task=task, input_shape=input_shape, input_dtype=input_dtype)

@@ -1,8 +1,8 @@
 """Restoring a trained model for inference: `load(run_dir)`, and predicting on a file of inputs.
 
-Owns: rebuilding a run's model from what the run recorded (`config.yaml`: model config and seed;
-`model_signature.yaml`: input shape and class count, so no data is needed) and restoring one
-checkpoint's model weights into it. Guarantees:
+Owns: rebuilding a run's model and task from what the run recorded (`config.yaml`: task and model
+config and seed; `model_signature.yaml`: input shape and dtype and what the task learned from the
+data, so no data is needed) and restoring one checkpoint's model weights into it. Guarantees:
 - Model weights only: the optimizer's slots and the step are never read into anything.
 - Every model variable is restored and every model value in the checkpoint is used (the
   `assert_existing_objects_matched` check plus its converse); otherwise a `CheckpointError` lists
@@ -29,6 +29,10 @@ from harness import inspection, modeling
 from harness import run_dir as run_files
 from harness.errors import CheckpointError, DataError, HarnessError
 from harness.state import model_weights_tree
+from harness.tasks import Task, build_task
+
+# Runs recorded before tasks existed trained a classification.
+DEFAULT_TASK = {"_target_": "harness.tasks.classification.Classification"}
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,17 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """A run's model with one checkpoint's weights."""
 
-    model: keras.Model  # float32 (batch, *input_shape) -> (batch, num_classes) logits
+    model: keras.Model  # (batch, *input_shape) of input_dtype -> the task's raw outputs (e.g. logits)
     step: int | None  # the global step stored in the checkpoint (None if it holds none)
     checkpoint: str  # the prefix restored, e.g. <run_dir>/checkpoints/ckpt-1200
     input_shape: tuple[int, ...]
-    num_classes: int
+    input_dtype: str  # 'float32' features or 'int32' token ids
+    task: Task  # with what it learned from the data (class count, target statistics) restored
     config: dict[str, Any]  # the run's resolved config (config.yaml)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.task.num_outputs
 
 
 def load(run_dir: str, checkpoint: int | str | None = None) -> LoadedModel:
@@ -55,8 +64,9 @@ def load(run_dir: str, checkpoint: int | str | None = None) -> LoadedModel:
     """
     record, signature = read_run_records(run_dir)
     input_shape = tuple(int(d) for d in signature["input_shape"])
-    num_classes = int(signature["num_classes"])
-    model = modeling.build_model(record["model"], input_shape=input_shape, num_classes=num_classes,
+    task = build_task(record.get("task", DEFAULT_TASK))
+    task.restore_signature(signature)
+    model = modeling.build_model(record["model"], input_shape=input_shape, num_outputs=task.num_outputs,
                                  seed=int(record.get("seed", 0)))
     expected = inspection.expected_variables({"model": model_weights_tree(model)})
     for prefix in _candidates(run_dir, checkpoint):
@@ -81,7 +91,8 @@ def load(run_dir: str, checkpoint: int | str | None = None) -> LoadedModel:
         step_key = "step/.ATTRIBUTES/VARIABLE_VALUE"
         step = int(reader.get_tensor(step_key)) if reader.has_tensor(step_key) else None
         log.info("loaded %s (step %s) into %s", prefix, step, model.name)
-        return LoadedModel(model, step, prefix, input_shape, num_classes, record)
+        return LoadedModel(model, step, prefix, input_shape, str(signature.get("input_dtype", "float32")), task,
+                           record)
     raise CheckpointError(f"No intact checkpoint in '{inspection.locate(run_dir).directory}' for run '{run_dir}'.")
 
 
@@ -99,7 +110,7 @@ def read_run_records(run_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if signature is None:
         name = os.path.basename(run_files.model_signature_path(run_dir))
         raise HarnessError(f"Run directory '{run_dir}' has no {name}"
-                           " (the input shape and class count the model was built for). Runs record it when they "
+                           " (the input shape and what the task learned from the data). Runs record it when they "
                            "start: rerun the run's train.py command once; a finished run exits at once.")
     return record, signature
 
@@ -123,9 +134,9 @@ def _candidates(run_dir: str, checkpoint: int | str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Inputs and predictions
 # ---------------------------------------------------------------------------------------------
-def read_inputs(path: str, input_shape: Sequence[int]) -> np.ndarray:
+def read_inputs(path: str, input_shape: Sequence[int], *, dtype: str = "float32") -> np.ndarray:
     """Examples from a .npy array, a .npz archive (array `features`, or its only array) or a .csv file
-    (one example per row, numbers only, an optional header line), as float32 `(N, *input_shape)`.
+    (one example per row, numbers only, an optional header line), as `dtype` `(N, *input_shape)`.
 
     Rows of `prod(input_shape)` values are reshaped; one example without a batch axis gets one.
     Raises `DataError` naming the file and the shape expected.
@@ -166,7 +177,10 @@ def read_inputs(path: str, input_shape: Sequence[int]) -> np.ndarray:
         array = array.reshape((len(array), *input_shape))
     if not np.isfinite(array).all():
         raise DataError(f"Input file '{path}' contains NaN or infinite values.")
-    return array.astype(np.float32, copy=False)
+    if np.dtype(dtype).kind in "iu" and not np.all(array == np.round(array)):
+        raise DataError(f"Input file '{path}' holds values that are not whole numbers: the model expects token "
+                        f"ids ({dtype}) of shape {expected}.")
+    return array.astype(dtype, copy=False)
 
 
 def _read_csv(text: str, path: str) -> np.ndarray:
@@ -202,12 +216,13 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def predict_logits(model: keras.Model, features: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
-    """Logits `(N, num_classes)` float32 for float32 features `(N, *input_shape)`, inference mode."""
+def predict_outputs(model: keras.Model, features: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """The model's raw outputs (logits for classification) as float32 for `(N, *input_shape)` inputs,
+    in inference mode, `batch_size` examples per call."""
     outputs = [keras.ops.convert_to_numpy(model(features[start:start + batch_size], training=False))
                for start in range(0, len(features), batch_size)]
     if not outputs:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
+        return np.zeros((0, *model.output_shape[1:]), np.float32)
     return np.concatenate(outputs).astype(np.float32)
 
 
@@ -216,12 +231,3 @@ def checkpoint_argument(text: str | None) -> int | str | None:
     if text is None:
         return None
     return int(text) if text.isdigit() else text
-
-
-def prediction_lines(logits: np.ndarray) -> list[str]:
-    """CSV lines `row,predicted_class,probability` (softmax of the logits) with a header."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    classes = probabilities.argmax(axis=1)
-    return ["row,predicted_class,probability"] + [f"{row},{c},{probabilities[row, c]:.6f}"
-                                                  for row, c in enumerate(classes)]

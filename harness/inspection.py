@@ -269,15 +269,11 @@ def diff_against_config(prefix: str, overrides: Sequence[str]) -> dict[str, Diff
     The config is composed from conf/ exactly as `python train.py OVERRIDES` composes it (the
     input shape comes from the configured data source). Raises `HarnessError`s for a bad config.
     """
-    from harness import config, data_sources, modeling, optimization, runtime, state
+    from harness import assembly, config, runtime
 
     run = config.to_typed_config(config.compose(overrides))
     runtime.configure_runtime(seed=run.seed, deterministic=False, mixed_precision=run.trainer.mixed_precision)
-    examples = data_sources.load_examples(run.data)
-    model = modeling.build_model(run.model, input_shape=examples.input_shape, num_classes=examples.num_classes,
-                                 seed=run.seed)
-    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer,
-                                                                               max_steps=run.trainer.max_steps))
+    train_state = assembly.build_train_state(run, assembly.load_task_data(run))
     expected = expected_variables(train_state.checkpoint_items())
     saved = read_variables(prefix)
     return {group: compare(saved, expected, groups=[group]) for group in GROUPS}

@@ -1,10 +1,12 @@
 """The inner loop: `steps_per_loop` training steps in one `tf.function` call, pure TensorFlow.
 
-Owns: the loss (summed per example, divided by the *global* batch size so that the all-reduced
-gradient equals the single-device gradient for any replica count), the gradient step under
-`strategy.run`, metric accumulators that the outer loop reads and resets, and the loss of every
-step of the latest call (`StepLosses`, for divergence detection at the exact step). No Python
-side effects happen here: logging, checkpoints and signals belong to `harness/controller.py`.
+Owns: the loss (the task's per-example losses, summed and divided by the *global* batch size so
+that the all-reduced gradient equals the single-device gradient for any replica count), the
+gradient step under `strategy.run`, metric accumulators (the task's metric sums, reduced across
+replicas and workers on read) that the outer loop reads and resets, and the loss of every step of
+the latest call (`StepLosses`, for divergence detection at the exact step). What the loss and
+metrics are is the task's (`harness/tasks/`); no Python side effects happen here: logging,
+checkpoints and signals belong to `harness/controller.py`.
 """
 
 from __future__ import annotations
@@ -17,31 +19,26 @@ import tensorflow as tf
 
 from harness.data import Batch, SeekableInput
 from harness.state import TrainState, reseed_random_layers
+from harness.tasks import Task
 
 
 class Accumulators:
-    """Per-replica sums (loss, correct predictions, examples) that reduce on read."""
+    """Named per-replica sums (`loss`, `examples` and the task's metric sums) that reduce on read."""
 
-    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+    def __init__(self, strategy: tf.distribute.Strategy, names: tuple[str, ...]) -> None:
         with strategy.scope():
-            self.loss = self._variable("loss_sum")
-            self.correct = self._variable("correct_sum")
-            self.examples = self._variable("example_count")
+            self.sums = {name: tf.Variable(0.0, trainable=False, name=f"{name}_sum", dtype=tf.float32,
+                                           synchronization=tf.VariableSynchronization.ON_READ,
+                                           aggregation=tf.VariableAggregation.SUM)
+                         for name in ("loss", "examples", *names)}
 
-    @staticmethod
-    def _variable(name: str) -> tf.Variable:
-        return tf.Variable(0.0, trainable=False, name=name, synchronization=tf.VariableSynchronization.ON_READ,
-                           aggregation=tf.VariableAggregation.SUM, dtype=tf.float32)
-
-    def add(self, *, loss: tf.Tensor, correct: tf.Tensor, examples: tf.Tensor) -> None:
-        self.loss.assign_add(loss)
-        self.correct.assign_add(correct)
-        self.examples.assign_add(examples)
+    def add(self, values: dict[str, tf.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name].assign_add(tf.cast(value, tf.float32))
 
     def read_and_reset(self) -> dict[str, float]:
-        values = {"loss": float(self.loss.numpy()), "correct": float(self.correct.numpy()),
-                  "examples": float(self.examples.numpy())}
-        for variable in (self.loss, self.correct, self.examples):
+        values = {name: float(variable.numpy()) for name, variable in self.sums.items()}
+        for variable in self.sums.values():
             variable.assign(0.0)
         return values
 
@@ -69,15 +66,17 @@ class StepLosses:
         return [float(value) for value in self.values.numpy()[:num_steps]]
 
 
-def _example_losses(model: keras.Model, batch: Batch, *, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
-    logits = tf.cast(model(batch.features, training=training), tf.float32)
-    losses = keras.losses.sparse_categorical_crossentropy(batch.labels, logits, from_logits=True)
-    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), batch.labels), tf.float32)
-    return losses * batch.weights, correct * batch.weights
+def _forward(task: Task, model: keras.Model, batch: Batch, *,
+             training: bool) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """Weighted per-example losses (batch,) and the task's metric sums for one batch."""
+    outputs = tf.cast(model(batch.features, training=training), tf.float32)  # float32 under mixed precision too
+    losses = task.example_losses(batch.targets, outputs) * batch.weights
+    return losses, task.metric_sums(batch.targets, outputs, batch.weights)
 
 
 def make_train_loop(
     strategy: tf.distribute.Strategy,
+    task: Task,
     state: TrainState,
     accumulators: Accumulators,
     step_losses: StepLosses,
@@ -91,7 +90,7 @@ def make_train_loop(
     def replica_step(batch: Batch, index: tf.Tensor) -> None:
         reseed_random_layers(state, seed=seed, step=state.step)
         with tf.GradientTape() as tape:
-            example_losses, correct = _example_losses(state.model, batch, training=True)
+            example_losses, metric_sums = _forward(task, state.model, batch, training=True)
             loss = tf.reduce_sum(example_losses) / global_batch_size
             if state.model.losses:  # regularisers: counted once across replicas
                 loss += tf.nn.scale_regularization_loss(tf.add_n(state.model.losses))
@@ -99,7 +98,7 @@ def make_train_loop(
         gradients = tape.gradient(scaled_loss, state.model.trainable_variables)
         state.optimizer.apply_gradients(zip(gradients, state.model.trainable_variables))
         state.step.assign_add(1)
-        accumulators.add(loss=loss, correct=tf.reduce_sum(correct), examples=tf.reduce_sum(batch.weights))
+        accumulators.add({"loss": loss, "examples": tf.reduce_sum(batch.weights), **metric_sums})
         step_losses.record(index, loss)
 
     # XLA compiles the step itself; the loop around it (iterator, tf.range) stays a plain tf.function.
@@ -114,17 +113,16 @@ def make_train_loop(
 
 def make_eval_loop(
     strategy: tf.distribute.Strategy,
+    task: Task,
     state: TrainState,
     accumulators: Accumulators,
-    *,
-    eval_batch_size: int,
 ) -> Callable[[Any], None]:
-    """Return `eval_loop(distributed_dataset)` accumulating eval loss and accuracy sums."""
+    """Return `eval_loop(distributed_dataset)` accumulating the eval loss and metric sums."""
 
     def replica_step(batch: Batch) -> None:
-        example_losses, correct = _example_losses(state.model, batch, training=False)
-        accumulators.add(loss=tf.reduce_sum(example_losses), correct=tf.reduce_sum(correct),
-                         examples=tf.reduce_sum(batch.weights))
+        example_losses, metric_sums = _forward(task, state.model, batch, training=False)
+        accumulators.add({"loss": tf.reduce_sum(example_losses), "examples": tf.reduce_sum(batch.weights),
+                          **metric_sums})
 
     @tf.function
     def eval_loop(dataset: Any) -> None:
@@ -157,12 +155,12 @@ class EvalLoop:
         self.run(dataset)
 
 
-def build_loops(strategy: tf.distribute.Strategy, state: TrainState, pipeline: SeekableInput, *, seed: int,
-                jit_compile: bool, steps_per_loop: int) -> tuple[TrainLoop, EvalLoop]:
-    """The train and eval loops for a state and input pipeline, each with its own accumulators."""
-    train_metrics, eval_metrics = Accumulators(strategy), Accumulators(strategy)
+def build_loops(strategy: tf.distribute.Strategy, task: Task, state: TrainState, pipeline: SeekableInput, *,
+                seed: int, jit_compile: bool, steps_per_loop: int) -> tuple[TrainLoop, EvalLoop]:
+    """The train and eval loops for a task, state and input pipeline, each with its own accumulators."""
+    train_metrics, eval_metrics = Accumulators(strategy, task.sum_names), Accumulators(strategy, task.sum_names)
     step_losses = StepLosses(strategy, capacity=steps_per_loop)
-    train = make_train_loop(strategy, state, train_metrics, step_losses, global_batch_size=pipeline.global_batch_size,
-                            seed=seed, jit_compile=jit_compile)
-    evaluate = make_eval_loop(strategy, state, eval_metrics, eval_batch_size=pipeline.eval_batch_size)
+    train = make_train_loop(strategy, task, state, train_metrics, step_losses,
+                            global_batch_size=pipeline.global_batch_size, seed=seed, jit_compile=jit_compile)
+    evaluate = make_eval_loop(strategy, task, state, eval_metrics)
     return TrainLoop(train, train_metrics, step_losses), EvalLoop(evaluate, eval_metrics)

@@ -2,17 +2,21 @@
 
 Owns: where a run's files go under `run_dir` and writing `config.yaml`, the resolved config that
 tools (and `harness.load`) use to rebuild the run's model, and `model_signature.yaml`, the input
-shape and class count the model was built for (so rebuilding it needs no data). Both are written
+shape and dtype and what the task learned from the data (class count, target statistics, vocabulary),
+so rebuilding the model and its task needs no data. Both are written
 atomically, after a successful restore, so a run that fails at start-up leaves them as they were.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 import yaml
+
+if TYPE_CHECKING:
+    from harness.tasks import Task
 
 
 def tensorboard_dir(run_dir: str) -> str:
@@ -27,10 +31,12 @@ def model_signature_path(run_dir: str) -> str:
     return os.path.join(run_dir, "model_signature.yaml")
 
 
-def write_model_signature(run_dir: str, *, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """Atomically record what the model maps: float32 inputs `(batch, *input_shape)` to `num_classes` logits."""
+def write_model_signature(run_dir: str, *, input_shape: tuple[int, ...], input_dtype: str, task: Task) -> None:
+    """Atomically record what the model maps: inputs `(batch, *input_shape)` of `input_dtype` to the
+    task's outputs, with what the task learned from the data (`Task.signature()`)."""
     _write_yaml_atomically(model_signature_path(run_dir),
-                           {"input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)})
+                           {"task": task.name, "input_shape": [int(d) for d in input_shape],
+                            "input_dtype": input_dtype, **task.signature()})
 
 
 def write_config_record(run_dir: str, resolved: dict[str, Any]) -> None:
@@ -52,7 +58,7 @@ def read_config_record(run_dir: str) -> dict[str, Any] | None:
 
 
 def read_model_signature(run_dir: str) -> dict[str, Any] | None:
-    """`{"input_shape": [...], "num_classes": n}` recorded by the run, or None if absent (older runs)."""
+    """`{"task": ..., "input_shape": [...], "input_dtype": ..., ...}` recorded by the run, or None if absent."""
     return _read_yaml(model_signature_path(run_dir))
 
 

@@ -1,4 +1,5 @@
-"""Model builders. Each module exposes one function `build_<name>(*, input_shape, num_classes, ...)`
-returning an unbuilt-or-built `keras.Model` that maps features to logits; `conf/model/<name>.yaml`
-points at it with `_target_`. See README, "Adding a model".
+"""Model builders. Each module exposes one function `build_<name>(*, input_shape, num_outputs, ...)`
+returning an unbuilt-or-built `keras.Model` that maps features to outputs (logits for
+classification, values for regression); `num_outputs` is the width of the output layer the task
+asks for. `conf/model/<name>.yaml` points at it with `_target_`. See README, "Adding a model".
 """

@@ -13,7 +13,7 @@ from harness.errors import ConfigError
 def build_cnn(
     *,
     input_shape: Sequence[int],
-    num_classes: int,
+    num_outputs: int,
     image_shape: Sequence[int] = (8, 8, 1),
     filters: Sequence[int] = (16, 32),
     dense: int = 64,
@@ -38,5 +38,5 @@ def build_cnn(
     x = keras.layers.Dense(dense, activation=activation, name="dense")(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    logits = keras.layers.Dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, logits, name="cnn")

@@ -10,7 +10,7 @@ import keras
 def build_mlp(
     *,
     input_shape: Sequence[int],
-    num_classes: int,
+    num_outputs: int,
     hidden: Sequence[int] = (128, 128),
     dropout: float = 0.0,
     activation: str = "relu",
@@ -23,5 +23,5 @@ def build_mlp(
         x = keras.layers.Dense(width, activation=activation, name=f"dense_{index}")(x)
         if dropout > 0:
             x = keras.layers.Dropout(dropout, seed=seed + index, name=f"dropout_{index}")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    logits = keras.layers.Dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, logits, name="mlp")

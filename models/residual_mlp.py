@@ -46,7 +46,7 @@ class ResidualBlock(keras.layers.Layer):
 def build_residual_mlp(
     *,
     input_shape: Sequence[int],
-    num_classes: int,
+    num_outputs: int,
     width: int = 64,
     blocks: int = 2,
     activation: str = "relu",
@@ -58,5 +58,5 @@ def build_residual_mlp(
     x = keras.layers.Dense(width, activation=activation, name="embed")(x)
     for index in range(blocks):
         x = ResidualBlock(activation=activation, gate_init=gate_init, name=f"block_{index}")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    logits = keras.layers.Dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, logits, name="residual_mlp")

@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
     from harness import export, inference
 
     loaded = inference.load(args.run_dir, inference.checkpoint_argument(args.checkpoint))
-    paths = export.export_model(loaded.model, args.output or os.path.join(args.run_dir, "export"))
+    paths = export.export_model(loaded.model, args.output or os.path.join(args.run_dir, "export"), task=loaded.task,
+                                input_shape=loaded.input_shape, input_dtype=loaded.input_dtype)
     print(f"exported {loaded.checkpoint} (step {loaded.step}):\n  {paths.keras_file}\n  {paths.saved_model_dir}")
     return 0
 

@@ -24,7 +24,7 @@ RESIDUAL = ("model=residual_mlp", "model.width=32", "data.num_examples=2304", "d
 
 def _build(**fields) -> keras.Model:
     return modeling.build_model({"_target_": "models.residual_mlp.build_residual_mlp", **fields},
-                                input_shape=(64,), num_classes=10, seed=0)
+                                input_shape=(64,), num_outputs=10, seed=0)
 
 
 def test_custom_layer_weights_are_named_in_checkpoints_and_configurable() -> None:
@@ -58,7 +58,7 @@ def test_custom_model_trains_resumes_loads_and_exports(run_dir: Path) -> None:
     assert loaded.step == 40
     np.testing.assert_array_equal(loaded.model.get_layer("block_1").gate.numpy(), final["model/block_1/gate" + SUFFIX])
     inputs = np.random.default_rng(5).standard_normal((9, 64)).astype(np.float32)
-    expected = inference.predict_logits(loaded.model, inputs)
+    expected = inference.predict_outputs(loaded.model, inputs)
     reloaded = keras.saving.load_model(run_dir / "export" / "model.keras")
     assert isinstance(reloaded.get_layer("block_0"), ResidualBlock)
     np.testing.assert_allclose(reloaded(inputs).numpy(), expected, rtol=1e-6, atol=1e-6)

@@ -44,7 +44,7 @@ def test_iterator_started_at_k_yields_what_a_run_from_zero_yields_at_k() -> None
     for step in (9, 10, 11):
         batch = next(resumed)
         np.testing.assert_array_equal(batch.features.numpy(), batches[step].features.numpy())
-        np.testing.assert_array_equal(batch.labels.numpy(), pipeline.train_batch(step)[1])
+        np.testing.assert_array_equal(batch.targets.numpy(), pipeline.train_batch(step)[1])
 
 
 def test_replica_shards_partition_the_global_batch() -> None:

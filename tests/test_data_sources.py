@@ -1,4 +1,5 @@
-"""Real data: user files (npz, TFRecord) with schema checks, and the bundled digits data set.
+"""Real data: user files (npz, TFRecord) with schema checks, and the bundled data sets (digits,
+diabetes, text).
 
 Files are written here with numpy and TensorFlow; bad files must give one `DataError` naming the
 file and what was expected. End-to-end runs train through train.py on each source.
@@ -13,9 +14,11 @@ import pytest
 import tensorflow as tf
 
 from harness import config
-from harness.config import DigitsDataConfig, NpzDataConfig, TFRecordDataConfig
+from harness.config import DiabetesDataConfig, DigitsDataConfig, NpzDataConfig, TextDataConfig, TFRecordDataConfig
 from harness.data_sources import load_examples
 from harness.errors import DataError
+from harness.tasks.classification import Classification
+from harness.tasks.regression import Regression
 from tests.conftest import assert_ok, compose, event_scalars, run_train
 
 
@@ -45,8 +48,9 @@ def test_npz_holds_out_a_fixed_eval_fraction(tmp_path: Path) -> None:
     np.savez(tmp_path / "train.npz", features=features, labels=labels)
     examples = load_examples(NpzDataConfig(path=str(tmp_path / "train.npz"), eval_fraction=0.2))
     assert (examples.train_features.shape, examples.eval_features.shape) == ((40, 4), (10, 4))
-    assert examples.num_classes == int(labels.max()) + 1
-    assert examples.train_features.dtype == np.float32 and examples.train_labels.dtype == np.int32
+    assert examples.num_classes is None  # the classification task counts the classes
+    assert Classification().prepare(examples).num_classes == int(labels.max()) + 1
+    assert examples.train_features.dtype == np.float32 and examples.train_targets.dtype == np.int32
     together = np.concatenate([examples.train_features, examples.eval_features])
     assert sorted(map(tuple, together)) == sorted(map(tuple, features))  # a partition of the file
     again = load_examples(NpzDataConfig(path=str(tmp_path / "train.npz"), eval_fraction=0.2))
@@ -61,9 +65,10 @@ def test_npz_with_an_eval_file_custom_keys_and_lenient_labels(tmp_path: Path) ->
     np.savez_compressed(tmp_path / "eval.npz", x=features[:5], y=np.full((5, 1), 6.0))
     examples = load_examples(NpzDataConfig(path=str(tmp_path / "train.npz"), eval_path=str(tmp_path / "eval.npz"),
                                            features_key="x", labels_key="y"))
-    assert len(examples.train_labels) == 30 and len(examples.eval_labels) == 5
-    assert examples.num_classes == 7  # the eval file's largest label counts too
-    np.testing.assert_array_equal(examples.train_labels, labels)
+    assert len(examples.train_targets) == 30 and len(examples.eval_targets) == 5
+    prepared = Classification().prepare(examples)  # whole-number float labels are class ids
+    assert prepared.num_classes == 7  # the eval file's largest label counts too
+    np.testing.assert_array_equal(prepared.train_targets, labels)
 
 
 BAD_NPZ = {
@@ -72,12 +77,10 @@ BAD_NPZ = {
     "single_array": ("npy", "holds a single array"),
     "wrong_key": ({"features": np.ones((4, 2)), "y": np.zeros(4)},
                   r"has no array 'labels'; it holds \['features', 'y'\]"),
-    "fractional_labels": ({"features": np.ones((4, 2)), "labels": np.array([0, 0.5, 1, 1])}, "not all whole numbers"),
     "lengths": ({"features": np.ones((4, 2)), "labels": np.zeros(3, int)}, "has 4 feature rows and 3 labels"),
     "flat_features": ({"features": np.ones(4), "labels": np.zeros(4, int)}, "features have shape \\(4,\\)"),
     "text_features": ({"features": np.array([["a"]] * 4), "labels": np.zeros(4, int)}, "features have dtype <U1"),
-    "negative_labels": ({"features": np.ones((4, 2)), "labels": np.array([0, -1, 1, 1])}, "labels include -1"),
-    "one_hot_labels": ({"features": np.ones((4, 2)), "labels": np.eye(4)}, "labels have shape \\(4, 4\\)"),
+    "three_dim_labels": ({"features": np.ones((4, 2)), "labels": np.ones((4, 2, 2))}, r"labels have shape \(4, 2, 2\)"),
 }
 
 
@@ -107,8 +110,39 @@ def test_truncated_npz_and_too_few_examples(tmp_path: Path) -> None:
     np.savez(tmp_path / "one.npz", features=features[:1], labels=labels[:1])
     with pytest.raises(DataError, match=r"holds 1 examples: too few to hold out"):
         load_examples(NpzDataConfig(path=str(tmp_path / "one.npz")))
-    with pytest.raises(DataError, match=r"labels span \[0, 2\] but num_classes is 2"):
-        load_examples(NpzDataConfig(path=str(tmp_path / "big.npz"), num_classes=2))
+    with pytest.raises(DataError, match=r"train labels go up to 2 but there are 2 classes"):
+        Classification().prepare(load_examples(NpzDataConfig(path=str(tmp_path / "big.npz"), num_classes=2)))
+
+
+CLASSIFICATION_REFUSES = {
+    "fractional": (np.array([0, 0.5, 1, 1]), "floats that are not all whole numbers .* use task=regression"),
+    "negative": (np.array([0, -1, 1, 1]), "targets include -1"),
+    "one_hot": (np.eye(4), r"targets have shape \(2, 4\); expected one class id per example"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLASSIFICATION_REFUSES))
+def test_targets_that_are_not_class_ids_are_refused_by_the_classification_task(tmp_path: Path, case: str) -> None:
+    labels, message = CLASSIFICATION_REFUSES[case]
+    np.savez(tmp_path / "data.npz", features=np.ones((len(labels), 2)), labels=labels)
+    examples = load_examples(NpzDataConfig(path=str(tmp_path / "data.npz"), eval_fraction=0.5))
+    with pytest.raises(DataError, match=f"Task 'classification': .*{message}"):
+        Classification().prepare(examples)
+
+
+def test_regression_takes_float_targets_standardised_and_refuses_text_targets(tmp_path: Path) -> None:
+    features, _ = _arrays(40)
+    targets = np.stack([np.linspace(10, 50, 40), np.linspace(-1, 1, 40) ** 2], axis=1)
+    np.savez(tmp_path / "data.npz", features=features, labels=targets)
+    task = Regression()
+    prepared = task.prepare(load_examples(NpzDataConfig(path=str(tmp_path / "data.npz"), eval_fraction=0.25)))
+    assert prepared.train_targets.dtype == np.float32 and prepared.train_targets.shape == (30, 2)
+    np.testing.assert_allclose(prepared.train_targets.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(prepared.train_targets.std(axis=0), 1, atol=1e-5)
+    assert task.num_outputs == 2 and task.signature()["target_shape"] == [2]
+    back = np.asarray(task.serving_outputs(tf.constant(prepared.eval_targets)))  # serving undoes the scaling
+    eval_rows = load_examples(NpzDataConfig(path=str(tmp_path / "data.npz"), eval_fraction=0.25)).eval_targets
+    np.testing.assert_allclose(back, eval_rows, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +156,8 @@ def test_tfrecord_shards_are_read_in_order_and_reshaped(tmp_path: Path) -> None:
     examples = load_examples(TFRecordDataConfig(path=str(tmp_path / "part-*.tfrecord"),
                                                 eval_path=str(tmp_path / "eval.tfrecord"), feature_shape=[3, 2]))
     np.testing.assert_array_equal(examples.train_features, features.reshape(40, 3, 2))
-    np.testing.assert_array_equal(examples.train_labels, labels)
-    assert examples.input_shape == (3, 2) and examples.num_classes == 5
+    np.testing.assert_array_equal(examples.train_targets, labels)
+    assert examples.input_shape == (3, 2) and Classification().prepare(examples).num_classes == 5
 
 
 def test_tfrecord_int64_features(tmp_path: Path) -> None:
@@ -184,14 +218,39 @@ def test_unreadable_tfrecord_files(tmp_path: Path) -> None:
 def test_digits_is_the_bundled_data_set_with_a_fixed_split() -> None:
     examples = load_examples(DigitsDataConfig())
     assert examples.train_features.shape == (1437, 64) and examples.eval_features.shape == (360, 64)
-    assert examples.num_classes == 10 and set(examples.eval_labels) == set(range(10))
+    assert examples.num_classes == 10 and set(examples.eval_targets) == set(range(10))
     assert examples.train_features.min() == 0.0 and examples.train_features.max() == 1.0
-    np.testing.assert_array_equal(load_examples(DigitsDataConfig()).eval_labels, examples.eval_labels)
+    np.testing.assert_array_equal(load_examples(DigitsDataConfig()).eval_targets, examples.eval_targets)
     with pytest.raises(DataError, match=r"data.eval_examples' = 1797"):
         load_examples(DigitsDataConfig(eval_examples=1797))
 
 
-@pytest.mark.parametrize("name", ["digits", "npz", "tfrecord", "synthetic"])
+def test_diabetes_is_the_bundled_regression_data_set_with_standardised_features() -> None:
+    examples = load_examples(DiabetesDataConfig())
+    assert examples.train_features.shape == (354, 10) and examples.eval_features.shape == (88, 10)
+    assert examples.train_targets.dtype == np.float32 and 25 <= examples.train_targets.min() < 350
+    np.testing.assert_allclose(examples.train_features.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(examples.train_features.std(axis=0), 1, atol=1e-4)
+    np.testing.assert_array_equal(load_examples(DiabetesDataConfig()).eval_targets, examples.eval_targets)
+
+
+def test_text_is_byte_windows_whose_targets_are_the_next_bytes(tmp_path: Path) -> None:
+    corpus = load_examples(TextDataConfig(seq_len=64))  # the default corpus: Python's own documentation
+    assert corpus.num_classes == 256 and corpus.input_dtype == "int32" and len(corpus.train_features) > 5000
+    assert b"statement" in bytes(corpus.train_features[:200].astype(np.uint8).ravel())  # English, not noise
+    path = tmp_path / "tiny.txt"
+    path.write_bytes(bytes(range(40)))
+    examples = load_examples(TextDataConfig(path=str(path), seq_len=4, eval_fraction=0.25))
+    np.testing.assert_array_equal(examples.train_features[:2], [[0, 1, 2, 3], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(examples.train_targets[:2], [[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert examples.eval_features[0, 0] == 30  # the last quarter of the file
+    with pytest.raises(DataError, match=r"data.path' = '.*missing.txt': no such file"):
+        load_examples(TextDataConfig(path=str(tmp_path / "missing.txt")))
+    with pytest.raises(DataError, match=r"tiny.txt' has 40 bytes: too few"):
+        load_examples(TextDataConfig(path=str(path), seq_len=16))
+
+
+@pytest.mark.parametrize("name", ["digits", "diabetes", "text", "npz", "tfrecord", "synthetic"])
 def test_every_data_config_composes(name: str) -> None:
     overrides = [f"data={name}"] + (["data.path=/data/train"] if name in ("npz", "tfrecord") else [])
     run = config.to_typed_config(compose(*overrides, tiny=False))
@@ -220,14 +279,15 @@ def test_digits_mlp_reaches_95_percent_held_out_accuracy(run_dir: Path) -> None:
 def test_train_on_a_user_npz_file(tmp_path: Path) -> None:
     digits = load_examples(DigitsDataConfig())
     path = tmp_path / "digits.npz"
-    np.savez(path, features=digits.train_features, labels=digits.train_labels)
+    np.savez(path, features=digits.train_features, labels=digits.train_targets)
     run_dir = tmp_path / "run"
     result = run_train(run_dir, "data=npz", f"data.path={path}", "trainer.max_steps=20", "trainer.eval_every=20",
                        "checkpoint.every_steps=20", *SHORT, tiny=False)
     assert_ok(result)
     assert (run_dir / "checkpoints" / "ckpt-20.index").exists()
     assert [step for step, _ in event_scalars(run_dir / "tensorboard")["eval/accuracy"]] == [20]
-    assert (run_dir / "model_signature.yaml").read_text() == "input_shape:\n- 64\nnum_classes: 10\n"
+    assert (run_dir / "model_signature.yaml").read_text() == ("task: classification\ninput_shape:\n- 64\n"
+                                                             "input_dtype: float32\nnum_outputs: 10\nnum_classes: 10\n")
 
 
 @pytest.mark.slow

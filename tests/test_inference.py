@@ -54,7 +54,7 @@ def test_load_restores_the_newest_or_a_chosen_checkpoint(trained_run: Path) -> N
     checkpoints = trained_run / "checkpoints"
     newest = inference.load(str(trained_run))
     assert (newest.step, newest.checkpoint) == (60, str(checkpoints / "ckpt-60"))
-    assert (newest.input_shape, newest.num_classes) == ((64,), 10)
+    assert (newest.input_shape, newest.num_outputs, newest.input_dtype) == ((64,), 10, "float32")
     assert newest.config["model"]["hidden"] == [32]
     _assert_weights_equal(newest.model, _model_values(checkpoints / "ckpt-60"))
     assert harness.load(str(trained_run)).checkpoint == newest.checkpoint  # the package-level shortcut
@@ -113,7 +113,7 @@ def test_load_explains_what_is_missing_or_does_not_fit(trained_run: Path, tmp_pa
 
 @pytest.mark.slow
 def test_training_exports_models_that_reload_with_the_same_outputs(trained_run: Path, inputs: np.ndarray) -> None:
-    expected = inference.predict_logits(inference.load(str(trained_run)).model, inputs)
+    expected = inference.predict_outputs(inference.load(str(trained_run)).model, inputs)
     reloaded = keras.saving.load_model(trained_run / "export" / "model.keras")
     np.testing.assert_allclose(reloaded(inputs).numpy(), expected, rtol=1e-6, atol=1e-6)
     served = tf.saved_model.load(str(trained_run / "export" / "saved_model"))
@@ -159,7 +159,7 @@ def test_export_script_exports_a_chosen_checkpoint(trained_run: Path, inputs: np
     result = _script("export.py", str(trained_run), "--checkpoint", "20", "--output", str(tmp_path / "served"))
     assert_ok(result)
     assert "ckpt-20 (step 20)" in result.stdout
-    expected = inference.predict_logits(inference.load(str(trained_run), 20).model, inputs)
+    expected = inference.predict_outputs(inference.load(str(trained_run), 20).model, inputs)
     served = tf.saved_model.load(str(tmp_path / "served" / "saved_model"))
     np.testing.assert_allclose(served.serve(tf.constant(inputs)).numpy(), expected, rtol=1e-6, atol=1e-6)
     reloaded = keras.saving.load_model(tmp_path / "served" / "model.keras")
@@ -175,7 +175,7 @@ def test_predict_script_on_csv_inputs(trained_run: Path, inputs: np.ndarray, tmp
     assert_ok(result)
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "row,predicted_class,probability"
-    logits = inference.predict_logits(inference.load(str(trained_run)).model, inputs)
+    logits = inference.predict_outputs(inference.load(str(trained_run)).model, inputs)
     assert [int(line.split(",")[1]) for line in lines[1:]] == logits.argmax(axis=1).tolist()
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), logits, rtol=1e-5, atol=1e-5)
 

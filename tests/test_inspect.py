@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import config, data_sources, inspection, modeling, optimization, provenance, state
+from harness import assembly, config, inspection, provenance
 from harness import run_dir as run_files
 from harness.checkpointing import Checkpointer
 from harness.errors import CheckpointError
@@ -29,10 +29,8 @@ def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory with ckpt-20/40/60 of the TINY config and its records, as train.py leaves it."""
     run_dir = tmp_path_factory.mktemp("inspect") / "run"
     run = config.to_typed_config(compose(f"run_dir={run_dir}"))
-    examples = data_sources.load_examples(run.data)
-    model = modeling.build_model(run.model, input_shape=examples.input_shape, num_classes=examples.num_classes,
-                                 seed=run.seed)
-    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=60))
+    task_data = assembly.load_task_data(run)
+    train_state = assembly.build_train_state(run, task_data)
     record = provenance.to_text(provenance.build_provenance(run.resolved, overrides=("trainer.max_steps=60",)))
     checkpointer = Checkpointer.from_config(train_state, run.checkpoint, async_save=False, is_chief=True,
                                             provenance=record)
@@ -43,7 +41,8 @@ def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         checkpointer.save(step)
     accounting.finish("completed", step=60)
     run_files.write_config_record(run.run_dir, run.resolved)
-    run_files.write_model_signature(run.run_dir, input_shape=examples.input_shape, num_classes=examples.num_classes)
+    run_files.write_model_signature(run.run_dir, input_shape=task_data.examples.input_shape,
+                                    input_dtype=task_data.examples.input_dtype, task=task_data.task)
     return run_dir
 
 

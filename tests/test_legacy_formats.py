@@ -21,7 +21,7 @@ INPUT_DIM, HIDDEN, CLASSES = 12, 8, 3
 
 
 def _mlp() -> keras.Model:
-    return build_mlp(input_shape=(INPUT_DIM,), num_classes=CLASSES, hidden=[HIDDEN])
+    return build_mlp(input_shape=(INPUT_DIM,), num_outputs=CLASSES, hidden=[HIDDEN])
 
 
 def _forward(x: np.ndarray, w1, b1, w2, b2) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_keras_weights_from_the_same_architecture_need_no_map(tmp_path: Path) ->
 
 
 def test_keras_weights_with_other_shapes_are_refused(tmp_path: Path) -> None:
-    wider = build_mlp(input_shape=(INPUT_DIM,), num_classes=CLASSES, hidden=[HIDDEN * 2])
+    wider = build_mlp(input_shape=(INPUT_DIM,), num_outputs=CLASSES, hidden=[HIDDEN * 2])
     wider.save_weights(tmp_path / "wider.weights.h5")
     with pytest.raises(CheckpointError, match=r"different shapes .*model/dense_0/kernel \[12, 8\] vs 'dense_0/0' "
                                               r"\[12, 16\]"):

@@ -123,7 +123,7 @@ def test_step_iterator_yields_the_batches_of_the_tf_data_pipeline() -> None:
     for _ in range(7):  # crosses the epoch boundary at 5 steps (160 / 32)
         ours, theirs = next(in_step), next(pipelined)
         np.testing.assert_array_equal(ours.features.numpy(), theirs.features.numpy())
-        np.testing.assert_array_equal(ours.labels.numpy(), theirs.labels.numpy())
+        np.testing.assert_array_equal(ours.targets.numpy(), theirs.targets.numpy())
 
     traced = iterator(0, start_step=0)
     last = tf.Variable(tf.zeros([32], tf.int32))
@@ -131,11 +131,11 @@ def test_step_iterator_yields_the_batches_of_the_tf_data_pipeline() -> None:
     @tf.function
     def consume(source, count: tf.Tensor) -> None:
         for _ in tf.range(count):
-            last.assign(next(source).labels)
+            last.assign(next(source).targets)
 
     consume(traced, tf.constant(6, tf.int64))
     assert int(traced.position.numpy()) == 6
-    np.testing.assert_array_equal(last.numpy(), iterator(2, start_step=5).__next__().labels.numpy())
+    np.testing.assert_array_equal(last.numpy(), iterator(2, start_step=5).__next__().targets.numpy())
 
 
 def test_mixed_float16_wraps_the_optimizer_and_checkpoints_the_loss_scale() -> None:
@@ -149,7 +149,7 @@ def test_mixed_float16_wraps_the_optimizer_and_checkpoints_the_loss_scale() -> N
     try:
         for policy, scaled in (("mixed_float16", True), ("mixed_bfloat16", False), ("float32", False)):
             keras.mixed_precision.set_global_policy(policy)
-            model = build_mlp(input_shape=(4,), num_classes=3, hidden=[8])
+            model = build_mlp(input_shape=(4,), num_outputs=3, hidden=[8])
             optimizer = optimization.build_optimizer(AdamConfig(), max_steps=10)
             assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == scaled, policy
             tree = state.create_train_state(model, optimizer).checkpoint_items()["optimizer"]

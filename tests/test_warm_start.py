@@ -82,10 +82,10 @@ def test_a_run_directory_source_skips_a_damaged_newest_checkpoint(source_run: Pa
     (copy / "checkpoints" / "ckpt-60.data-00000-of-00001").write_bytes(b"")
     from models.mlp import build_mlp
 
-    model = build_mlp(input_shape=(64,), num_classes=10, hidden=[32])
+    model = build_mlp(input_shape=(64,), num_outputs=10, hidden=[32])
     report = init_model_weights(model, str(copy))
     assert report.source == str(copy / "checkpoints" / "ckpt-40")
-    wrong = build_mlp(input_shape=(64,), num_classes=10, hidden=[32, 32])
+    wrong = build_mlp(input_shape=(64,), num_outputs=10, hidden=[32, 32])
     with pytest.raises(CheckpointError, match=r"not in the source \(2\): model/dense_1/kernel"):
         init_model_weights(wrong, str(copy))
     with pytest.raises(CheckpointError, match=r"ckpt-60' is not intact"):  # named explicitly: no fallback
