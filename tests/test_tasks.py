@@ -1,0 +1,357 @@
+"""Tasks: the seam between data, model and trainer (harness/tasks/).
+
+In-process: every task config composes and builds; metric sums add up across batch shards (what
+makes them exact for any replica and worker count) and give the textbook values; models that do
+not fit a task are refused. End to end, per shipped task with real processes: train, SIGKILL after
+a checkpoint, resume bit-exactly, reload the export and compare its outputs; a user's own task
+defined outside the project; bad task/model/data combinations exit 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harness import assembly, config, inference
+from harness.chaos import compare_checkpoints
+from harness.data_sources import ExampleArrays
+from harness.errors import ConfigError, DataError
+from harness.tasks import build_task, check_model_fits
+from harness.tasks.classification import Classification
+from harness.tasks.language_model import LanguageModel
+from harness.tasks.regression import Regression
+from tests.background import BackgroundRun
+from tests.conftest import (
+    PROJECT_ROOT,
+    assert_ok,
+    checkpoint_values,
+    compose,
+    event_scalars,
+    run_train,
+    subprocess_env,
+    train_command,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and building
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "task_class", "data", "model"), [
+    ("classification", Classification, "synthetic", "models.mlp.build_mlp"),
+    ("regression", Regression, "diabetes", "models.mlp.build_mlp"),
+    ("language_model", LanguageModel, "text", "models.transformer.build_transformer"),
+])
+def test_each_task_composes_with_its_data_and_model_and_builds(name: str, task_class: type, data: str,
+                                                               model: str) -> None:
+    run = config.to_typed_config(compose(f"task={name}", tiny=False))
+    assert (run.data.name, run.model["_target_"]) == (data, model)
+    assert type(build_task(run.task)) is task_class
+    override = config.to_typed_config(compose(f"task={name}", "data=npz", "data.path=x.npz", "model=cnn", tiny=False))
+    assert (override.data.name, override.model["_target_"]) == ("npz", "models.cnn.build_cnn")  # the user's pick wins
+
+
+def test_task_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"task.loss' = 'l3' is invalid: expected one of \['mse', 'mae', 'huber'\]"):
+        build_task(config.to_typed_config(compose("task=regression", "task.loss=l3", tiny=False)).task)
+    with pytest.raises(ConfigError, match=r"'task._target_' = 'nowhere.Task' cannot be imported"):
+        build_task({"_target_": "nowhere.Task"})
+    with pytest.raises(ConfigError, match=r"'task._target_' = 'harness.data.Batch' is not a subclass"):
+        build_task({"_target_": "harness.data.Batch"})
+    with pytest.raises(ConfigError, match=r"'task.depth' is not an argument"):
+        build_task({"_target_": "harness.tasks.regression.Regression", "depth": 3})
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric sums: additive over shards of a batch, and the textbook values once reduced
+# ---------------------------------------------------------------------------------------------
+def _reduced(task, targets: np.ndarray, outputs: np.ndarray, weights: np.ndarray, *, shards: int) -> dict[str, float]:
+    """The metrics after summing per-shard sums, as replicas and workers do."""
+    totals: dict[str, float] = {"examples": float(weights.sum())}
+    for part in range(shards):
+        rows = slice(part * len(targets) // shards, (part + 1) * len(targets) // shards)
+        sums = task.metric_sums(tf.constant(targets[rows]), tf.constant(outputs[rows]), tf.constant(weights[rows]))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    assert set(totals) == {"examples", *task.sum_names}
+    return task.metrics(totals)
+
+
+def test_regression_metrics_are_exact_for_any_sharding() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.normal(150, 70, size=64).astype(np.float32)
+    predicted = truth + rng.normal(0, 30, size=64).astype(np.float32)
+    task = Regression()
+    task.prepare(ExampleArrays(np.zeros((64, 1), np.float32), truth, np.zeros((64, 1), np.float32), truth))
+    outputs = ((predicted - task.target_mean) / task.target_std)[:, None]
+    targets = (truth - task.target_mean) / task.target_std
+    weights = np.ones(64, np.float32)
+    weights[-4:] = 0.0  # eval padding counts for nothing
+    real = slice(0, 60)
+    residual = predicted[real] - truth[real]
+    expected = {"rmse": math.sqrt(np.mean(residual ** 2)), "mae": np.mean(np.abs(residual)),
+                "r2": 1 - np.sum(residual ** 2) / np.sum((truth[real] - truth[real].mean()) ** 2)}
+    for shards in (1, 2, 4):
+        assert _reduced(task, targets, outputs, weights, shards=shards) == pytest.approx(expected, rel=1e-4)
+
+
+def test_classification_and_language_model_metrics_are_exact_for_any_sharding() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(32, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, size=32).astype(np.int32)
+    weights = np.ones(32, np.float32)
+    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+    for shards in (1, 2, 4):
+        assert _reduced(Classification(), labels, logits, weights, shards=shards) == pytest.approx(
+            {"accuracy": accuracy})
+    token_logits = rng.normal(size=(8, 6, 11)).astype(np.float32)
+    tokens = rng.integers(0, 11, size=(8, 6)).astype(np.int32)
+    log_probabilities = token_logits - np.log(np.exp(token_logits).sum(axis=-1, keepdims=True))
+    mean_nll = -np.mean(np.take_along_axis(log_probabilities, tokens[..., None], axis=-1))
+    for shards in (1, 2, 4):
+        assert _reduced(LanguageModel(), tokens, token_logits, np.ones(8, np.float32), shards=shards) == pytest.approx(
+            {"perplexity": math.exp(mean_nll), "bits_per_byte": mean_nll / math.log(2)}, rel=1e-5)
+
+
+@pytest.mark.parametrize(("loss", "keras_loss"), [("mse", keras.losses.MeanSquaredError(reduction=None)),
+                                                  ("mae", keras.losses.MeanAbsoluteError(reduction=None)),
+                                                  ("huber", keras.losses.Huber(delta=1.0, reduction=None))])
+def test_regression_losses_match_keras(loss: str, keras_loss: keras.losses.Loss) -> None:
+    rng = np.random.default_rng(2)
+    targets, outputs = rng.normal(size=(16, 3)).astype(np.float32), 2 * rng.normal(size=(16, 3)).astype(np.float32)
+    ours = Regression(loss=loss).example_losses(tf.constant(targets), tf.constant(outputs))
+    np.testing.assert_allclose(ours.numpy(), np.asarray(keras_loss(targets, outputs)), rtol=1e-6)
+
+
+def test_a_model_whose_outputs_do_not_fit_the_task_is_refused() -> None:
+    examples = ExampleArrays(np.zeros((4, 10), np.float32), np.ones(4, np.float32), np.zeros((2, 10), np.float32),
+                             np.ones(2, np.float32))
+    task = Regression()
+    task.prepare(examples)
+    ten_classes = keras.Sequential([keras.Input((10,)), keras.layers.Dense(10)])
+    with pytest.raises(ConfigError, match=r"Task 'regression' expects model outputs of shape \(batch, 1\) for "
+                                          r"inputs \(batch, 10\), but model 'head' returns \(batch, 10\)"):
+        check_model_fits(task, ten_classes, examples, model_name="'head'")
+    check_model_fits(task, keras.Sequential([keras.Input((10,)), keras.layers.Dense(1)]), examples, model_name="ok")
+
+
+def test_language_model_refuses_negative_token_ids_and_float_inputs() -> None:
+    tokens = np.array([[1, 2, -3]], np.int32)
+    with pytest.raises(DataError, match=r"Task 'language_model': the train inputs hold token ids from -3"):
+        LanguageModel(vocab_size=256).prepare(ExampleArrays(tokens, tokens, tokens, tokens))
+    floats = np.zeros((2, 3), np.float32)
+    with pytest.raises(DataError, match=r"the train inputs are float32 of shape \(2, 3\); expected integer token"):
+        LanguageModel().prepare(ExampleArrays(floats, floats, floats, floats))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, per shipped task: SIGKILL and resume bit-exactly, export reloads with the same outputs
+# ---------------------------------------------------------------------------------------------
+COMMON = ("deterministic=true", "trainer.max_steps=40", "trainer.steps_per_loop=5", "trainer.log_every=5",
+          "trainer.eval_every=20", "checkpoint.every_steps=10")
+TASKS = {
+    "classification": ("model.dropout=0.2", "model.hidden=[32]", "data.num_examples=2304", "data.eval_examples=256",
+                       "data.global_batch_size=64"),
+    "regression": ("task=regression", "task.loss=huber", "model.dropout=0.1"),
+    "language_model": ("task=language_model", "data.seq_len=32", "data.global_batch_size=16", "model.num_layers=1",
+                       "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64", "model.dropout=0.1",
+                       "optimizer.learning_rate=0.003"),
+    "mobilenet_v2": ("model=mobilenet_v2", "data=digits", "data.global_batch_size=16", "trainer.max_steps=20",
+                     "trainer.eval_every=20"),
+}
+METRICS = {"classification": "accuracy", "regression": "r2", "language_model": "perplexity",
+           "mobilenet_v2": "accuracy"}
+
+
+def _final(run_dir: Path, overrides: tuple[str, ...]) -> Path:
+    max_steps = next(int(o.split("=")[1]) for o in reversed((*COMMON, *overrides)) if o.startswith("trainer.max_"))
+    return run_dir / "checkpoints" / f"ckpt-{max_steps}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path: Path, task: str) -> None:
+    overrides = (*COMMON, *TASKS[task])
+    reference = tmp_path / "reference"
+    assert_ok(run_train(reference, *overrides, "export.enabled=true", tiny=False))
+    scalars = event_scalars(reference / "tensorboard")
+    assert f"eval/{METRICS[task]}" in scalars and f"train/{METRICS[task]}" in scalars, sorted(scalars)
+
+    killed = tmp_path / "killed"
+    overrides = (*overrides, "export.enabled=false")
+    with BackgroundRun(train_command(killed, *overrides, tiny=False), env=subprocess_env()) as run:
+        run.wait_for(r"saved checkpoint ckpt-10\b", timeout=180)
+        run.process.send_signal(signal.SIGKILL)
+        assert run.finish(timeout=30) == -signal.SIGKILL
+    resumed = run_train(killed, *overrides, tiny=False)
+    assert_ok(resumed)
+    assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
+    assert compare_checkpoints(_final(killed, overrides), _final(reference, overrides)) == []
+
+    loaded = inference.load(str(reference))
+    run = config.to_typed_config(compose(*overrides, f"run_dir={reference}", tiny=False))
+    inputs = assembly.load_task_data(run).examples.eval_features[:8]
+    expected = np.asarray(loaded.task.serving_outputs(tf.constant(inference.predict_outputs(loaded.model, inputs))))
+    served = tf.saved_model.load(str(reference / "export" / "saved_model"))
+    np.testing.assert_allclose(served.serve(tf.constant(inputs)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    reloaded = keras.saving.load_model(reference / "export" / "model.keras")
+    np.testing.assert_allclose(np.asarray(reloaded(inputs, training=False)),
+                               inference.predict_outputs(loaded.model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_regression_reaches_r2_of_0_4_and_predict_prints_values_in_target_units(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert_ok(run_train(run_dir, "task=regression", "trainer.max_steps=600", "trainer.eval_every=300",
+                        "checkpoint.every_steps=300", "trainer.steps_per_loop=50", tiny=False))
+    r2 = event_scalars(run_dir / "tensorboard")["eval/r2"]
+    assert [step for step, _ in r2] == [300, 600] and r2[-1][1] >= 0.4, r2
+    examples = assembly.load_task_data(config.to_typed_config(compose("task=regression", tiny=False))).examples
+    np.save(tmp_path / "inputs.npy", examples.eval_features[:5])
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "predict.py"), str(run_dir),
+                             str(tmp_path / "inputs.npy")], capture_output=True, text=True, env=subprocess_env(),
+                            cwd=PROJECT_ROOT, timeout=120)
+    assert_ok(result)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "row,prediction" and len(lines) == 6
+    predictions = np.array([float(line.split(",")[1]) for line in lines[1:]])
+    assert predictions.min() > 25 and predictions.max() < 350  # disease progression units, not standardised
+    diff = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "inspect_checkpoint.py"), str(run_dir),
+                           "--diff", "task=regression"], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=PROJECT_ROOT, timeout=120)
+    assert_ok(diff)
+    assert "resume with this config (train.py): would restore" in diff.stdout, diff.stdout
+
+
+@pytest.mark.slow
+def test_language_model_generates_text_from_a_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert_ok(run_train(run_dir, *COMMON, *TASKS["language_model"], tiny=False))
+    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir), "--prompt", "The ",
+               "--length", "40", "--seed", "3"]
+    first, second = (subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), cwd=PROJECT_ROOT,
+                                    timeout=120) for _ in range(2))
+    assert_ok(first)
+    assert first.stdout.startswith("The ") and len(first.stdout.rstrip("\n")) >= 40
+    assert first.stdout == second.stdout  # same seed, same text
+    not_lm = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir / "nope"),
+                             "--prompt", "x"], capture_output=True, text=True, env=subprocess_env(), cwd=PROJECT_ROOT,
+                            timeout=120)
+    assert_ok(not_lm, code=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's own task, defined outside the project
+# ---------------------------------------------------------------------------------------------
+USER_TASK = '''
+import dataclasses
+
+import tensorflow as tf
+from harness.tasks import Task
+
+
+class ParityOfFirstFeature(Task):
+    """Binary classification with one logit: is feature 0 positive?"""
+
+    name = "parity"
+    sum_names = ("correct",)
+    metric_names = ("accuracy",)
+    progress_metric = "accuracy"
+    num_outputs = 1
+
+    def prepare(self, examples):
+        def positive(features):
+            return (features[:, 0] > 0).astype("int32")
+
+        return dataclasses.replace(examples, train_targets=positive(examples.train_features),
+                                   eval_targets=positive(examples.eval_features))
+
+    def example_losses(self, targets, outputs):
+        return tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(targets, tf.float32), outputs[:, 0])
+
+    def metric_sums(self, targets, outputs, weights):
+        correct = tf.cast(tf.equal(tf.cast(outputs[:, 0] > 0, tf.int32), targets), tf.float32)
+        return {"correct": tf.reduce_sum(correct * weights)}
+
+    def metrics(self, sums):
+        return {"accuracy": sums["correct"] / sums["examples"]}
+'''
+
+
+@pytest.mark.slow
+def test_a_user_task_defined_outside_the_project_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_tasks.py").write_text(USER_TASK)
+    (tmp_path / "conf" / "task").mkdir(parents=True)
+    (tmp_path / "conf" / "task" / "parity.yaml").write_text("_target_: my_tasks.ParityOfFirstFeature\n")
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "task=parity",
+                       "trainer.max_steps=60", "optimizer.learning_rate=0.01",
+                       env=subprocess_env(PYTHONPATH=str(tmp_path)))
+    assert_ok(result)
+    accuracy = event_scalars(run_dir / "tensorboard")["eval/accuracy"]
+    assert accuracy[-1][1] > 0.75, accuracy  # chance is 0.5: the user's loss and metric sums are the ones used
+    assert "task: parity" in (run_dir / "model_signature.yaml").read_text()
+    monkeypatch.syspath_prepend(str(tmp_path))  # where the user's code lives, as PYTHONPATH did for train.py
+    loaded = inference.load(str(run_dir))
+    assert type(loaded.task).__name__ == "ParityOfFirstFeature" and loaded.num_outputs == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad combinations: one paragraph naming the task, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+BAD = {
+    "float_labels_for_classification": (("data=npz", "data.path={values}"),
+                                        r"Task 'classification': the train targets are floats that are not all "
+                                        r"whole numbers .*use task=regression.*data=npz, data.path='.*values.npz'"),
+    "transformer_on_image_data": (("data=digits", "model=transformer"),
+                                  r"Task 'classification' expects model outputs of shape \(batch, 10\) for inputs "
+                                  r"\(batch, 64\), but model 'transformer' .* returns \(batch, 64, 10\)"),
+    "language_model_on_images": (("task=language_model", "data=digits"),
+                                 r"Task 'language_model': the train inputs are float32 of shape \(1437, 64\)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_task_model_or_data_that_do_not_fit_exit_2_before_writing(tmp_path: Path, case: str) -> None:
+    overrides, message = BAD[case]
+    values = tmp_path / "values.npz"  # regression data: targets that are not class ids
+    np.savez(values, features=np.ones((20, 3), np.float32), labels=np.linspace(0.5, 9.5, 20))
+    overrides = tuple(override.format(values=values) for override in overrides)
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, *overrides, tiny=False)
+    assert_ok(result, code=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert re.search(message, errors[0]), errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "run_record.json").exists()
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["regression", "language_model"])
+def test_mirrored_on_two_cpu_replicas_trains_what_one_device_trains(tmp_path: Path, task: str) -> None:
+    """Per-example losses over the *global* batch and summed metrics: the replica count changes nothing
+    but the order of float additions (dropout off: its streams are per replica)."""
+    overrides = (*COMMON, *TASKS[task], "model.dropout=0.0", "trainer.max_steps=20", "trainer.eval_every=20",
+                 "export.enabled=false")
+    single, mirrored = tmp_path / "single", tmp_path / "mirrored"
+    assert_ok(run_train(single, *overrides, tiny=False))
+    assert_ok(run_train(mirrored, *overrides, "strategy=mirrored", "strategy.cpu_replicas=2", tiny=False))
+    first, second = (checkpoint_values(run / "checkpoints" / "ckpt-20") for run in (single, mirrored))
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_allclose(np.asarray(second[name], np.float64), np.asarray(first[name], np.float64),
+                                   atol=1e-4, err_msg=name)
+    metric = METRICS[task]
+    single_eval, mirrored_eval = (event_scalars(run / "tensorboard")[f"eval/{metric}"] for run in (single, mirrored))
+    assert mirrored_eval[-1][1] == pytest.approx(single_eval[-1][1], rel=1e-3)
