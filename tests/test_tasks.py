@@ -251,57 +251,32 @@ def test_language_model_generates_text_from_a_checkpoint(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------
 # A user's own task, defined outside the project
 # ---------------------------------------------------------------------------------------------
-USER_TASK = '''
-import dataclasses
-
-import tensorflow as tf
-from harness.tasks import Task
-
-
-class ParityOfFirstFeature(Task):
-    """Binary classification with one logit: is feature 0 positive?"""
-
-    name = "parity"
-    sum_names = ("correct",)
-    metric_names = ("accuracy",)
-    progress_metric = "accuracy"
-    num_outputs = 1
-
-    def prepare(self, examples):
-        def positive(features):
-            return (features[:, 0] > 0).astype("int32")
-
-        return dataclasses.replace(examples, train_targets=positive(examples.train_features),
-                                   eval_targets=positive(examples.eval_features))
-
-    def example_losses(self, targets, outputs):
-        return tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(targets, tf.float32), outputs[:, 0])
-
-    def metric_sums(self, targets, outputs, weights):
-        correct = tf.cast(tf.equal(tf.cast(outputs[:, 0] > 0, tf.int32), targets), tf.float32)
-        return {"correct": tf.reduce_sum(correct * weights)}
-
-    def metrics(self, sums):
-        return {"accuracy": sums["correct"] / sums["examples"]}
-'''
+def readme_task_example() -> str:
+    """The complete task of the README's "Writing a task" section, as a user would copy it."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Writing a task"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
 
 
 @pytest.mark.slow
-def test_a_user_task_defined_outside_the_project_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "my_tasks.py").write_text(USER_TASK)
-    (tmp_path / "conf" / "task").mkdir(parents=True)
-    (tmp_path / "conf" / "task" / "parity.yaml").write_text("_target_: my_tasks.ParityOfFirstFeature\n")
+def test_the_readme_task_trains_from_outside_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = readme_task_example()
+    assert len(code.strip().splitlines()) < 30
+    (tmp_path / "my_tasks.py").write_text(code)
+    (tmp_path / "my_conf" / "task").mkdir(parents=True)
+    (tmp_path / "my_conf" / "task" / "binary.yaml").write_text("_target_: my_tasks.Binary\n")
     run_dir = tmp_path / "run"
-    result = run_train(run_dir, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "task=parity",
-                       "trainer.max_steps=60", "optimizer.learning_rate=0.01",
+    result = run_train(run_dir, f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=binary",
+                       "data.num_classes=2", "trainer.max_steps=60", "optimizer.learning_rate=0.01",
                        env=subprocess_env(PYTHONPATH=str(tmp_path)))
     assert_ok(result)
+    assert "accuracy" in result.stderr + result.stdout  # the task's progress metric is shown
     accuracy = event_scalars(run_dir / "tensorboard")["eval/accuracy"]
     assert accuracy[-1][1] > 0.75, accuracy  # chance is 0.5: the user's loss and metric sums are the ones used
-    assert "task: parity" in (run_dir / "model_signature.yaml").read_text()
+    assert "task: binary" in (run_dir / "model_signature.yaml").read_text()
     monkeypatch.syspath_prepend(str(tmp_path))  # where the user's code lives, as PYTHONPATH did for train.py
     loaded = inference.load(str(run_dir))
-    assert type(loaded.task).__name__ == "ParityOfFirstFeature" and loaded.num_outputs == 1
+    assert type(loaded.task).__name__ == "Binary" and loaded.num_outputs == 1
 
 
 # ---------------------------------------------------------------------------------------------
