@@ -117,6 +117,24 @@ def test_float_targets_and_int_features(tmp_path: Path, width: int) -> None:
         np.testing.assert_array_equal(read_targets, targets[indices].reshape((4, *shards.target_shape)))
 
 
+@pytest.mark.parametrize("kinds", [("float64", "int64"), ("int16", "float32")])
+def test_rows_are_encoded_as_protobuf_would(kinds: tuple[str, str]) -> None:
+    """The converter writes Examples without protobuf objects: the bytes must decode to the same message."""
+    from harness.record_conversion import _serialize_rows
+
+    features = (np.random.default_rng(0).standard_normal((3, 2, 2)) * 100).astype(kinds[0])
+    labels = np.array([[0, -5], [2**40, 1], [7, 3]]).astype(kinds[1])[:, : 1 if kinds[1] == "int64" else 2]
+    for record, feature_row, label_row in zip(_serialize_rows(features, labels, features_key="x", labels_key="y"),
+                                              features, labels):
+        expected = tf.train.Example()
+        for name, values in (("x", feature_row.ravel()), ("y", label_row)):
+            if values.dtype.kind == "f":
+                expected.features.feature[name].float_list.value.extend(values.astype(np.float32).tolist())
+            else:
+                expected.features.feature[name].int64_list.value.extend(values.tolist())
+        assert tf.train.Example.FromString(record) == expected
+
+
 def test_reads_from_threads_are_correct_and_measured(tmp_path: Path) -> None:
     """Four threads share the readers; each checks its own batches. Prints records/s (not asserted)."""
     features, labels = _arrays(4000, (784,))
