@@ -7,7 +7,7 @@ against the first record's (`harness/record_files.py: ExampleLayout`); .npz memb
 chunk of rows at a time straight from the archive. Shards are written under temporary names and
 renamed once all are complete, so an interrupted conversion leaves no shard that looks finished;
 existing shards are never replaced unless `overwrite`. Used by scripts/convert_to_array_record.py
-and by benchmarks that need a data set on disk (`write_array_shards`).
+and by benchmarks that need a data set on disk (`write_synthetic_shards`, `write_array_shards`).
 """
 
 from __future__ import annotations
@@ -83,6 +83,28 @@ def write_array_shards(features: np.ndarray, labels: np.ndarray, output_dir: str
                               features_key=features_key, labels_key=labels_key)
               for start in range(0, len(features), _CHUNK_ROWS))
     return _write_shards(chunks, output_dir, num_records=len(features), records_per_shard=records_per_shard,
+                         num_shards=num_shards, overwrite=overwrite, progress=progress)
+
+
+def write_synthetic_shards(output_dir: str, *, num_records: int, feature_size: int, num_classes: int = 10,
+                           seed: int = 0, records_per_shard: int | None = None, num_shards: int | None = None,
+                           overwrite: bool = False, progress: bool = False) -> ConversionSummary:
+    """Shards of `num_records` Gaussian float32 feature vectors of `feature_size` with uniform class ids.
+
+    A data set of any size for benchmarks and tests: generated a chunk at a time from `seed`, so
+    record i is the same for every call with the same `seed` and chunking, and memory stays bounded.
+    """
+    _check_sharding(records_per_shard, num_shards)
+    if num_records < 1 or feature_size < 1 or num_classes < 1:
+        raise DataError(f"num_records = {num_records}, feature_size = {feature_size}, num_classes = {num_classes}: "
+                        "expected positive numbers.")
+    rng = np.random.default_rng(seed)
+    chunks = (_serialize_rows(rng.standard_normal((min(_CHUNK_ROWS, num_records - start), feature_size),
+                                                  dtype=np.float32),
+                              rng.integers(0, num_classes, min(_CHUNK_ROWS, num_records - start)),
+                              features_key="features", labels_key="labels")
+              for start in range(0, num_records, _CHUNK_ROWS))
+    return _write_shards(chunks, output_dir, num_records=num_records, records_per_shard=records_per_shard,
                          num_shards=num_shards, overwrite=overwrite, progress=progress)
 
 

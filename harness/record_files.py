@@ -142,8 +142,7 @@ class RecordShards:
         self.feature_shape: tuple[int, ...] = self._checked_feature_shape(feature_shape)
         self.target_shape: tuple[int, ...] = () if self.layout.target_length == 1 else (self.layout.target_length,)
         self.target_dtype = np.dtype(np.int32 if self.layout.target_dtype == tf.int64 else np.float32)
-        for shard in np.flatnonzero(self.shard_sizes):  # a shard of another data set fails now, not mid-run
-            self.read(self.shard_starts[shard:shard + 1])
+        self.read(self.shard_starts[:-1][self.shard_sizes > 0])  # another data set's shard fails now, not mid-run
 
     def _open(self, path: str) -> ArrayRecordReader:
         reader = ArrayRecordReader(path, READER_OPTIONS, file_reader_buffer_size=READER_BUFFER_BYTES)

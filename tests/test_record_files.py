@@ -21,7 +21,7 @@ import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from harness.errors import DataError
-from harness.record_conversion import convert_to_array_record, write_array_shards
+from harness.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
 from harness.record_files import RecordShards
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
@@ -115,6 +115,18 @@ def test_float_targets_and_int_features(tmp_path: Path, width: int) -> None:
         read_features, read_targets = shards.read(indices)
         np.testing.assert_array_equal(read_features, pixels[indices].astype(np.float32))
         np.testing.assert_array_equal(read_targets, targets[indices].reshape((4, *shards.target_shape)))
+
+
+def test_synthetic_shards_for_benchmarks(tmp_path: Path) -> None:
+    summary = write_synthetic_shards(str(tmp_path / "a"), num_records=2500, feature_size=5, num_classes=3,
+                                     records_per_shard=1000)
+    assert (summary.num_records, len(summary.files)) == (2500, 3)
+    write_synthetic_shards(str(tmp_path / "b"), num_records=2500, feature_size=5, num_classes=3, num_shards=1)
+    with RecordShards(str(tmp_path / "a" / "*"), features_key="features", labels_key="labels") as shards, \
+            RecordShards(str(tmp_path / "b" / "*"), features_key="features", labels_key="labels") as same:
+        features, labels = shards.read(np.arange(2500))
+        assert features.shape == (2500, 5) and set(labels.tolist()) == {0, 1, 2}
+        np.testing.assert_array_equal(same.read(np.arange(2500))[0], features)  # a function of the seed
 
 
 @pytest.mark.parametrize("kinds", [("float64", "int64"), ("int16", "float32")])
