@@ -105,10 +105,17 @@ class ExampleLayout:
 class RecordShards:
     """Read-only random access to the records of every ArrayRecord shard matching a glob pattern.
 
-    Global record indices run through the shards in sorted file-name order. Opening reads each
-    shard's footer and index (a few bytes per record) and its first record; nothing else is held in
-    memory. `read` may be called from many threads at once: they share one reader per shard (the
-    reader is thread-safe; per-thread readers measured no faster, see tests/test_record_files.py).
+    Global record indices run through the shards in sorted file-name order (`files`): shard s holds
+    `shard_sizes[s]` records starting at global index `shard_starts[s]`; `num_records` in all.
+    Opening reads each shard's footer and index (8 bytes per record) and its first record; nothing
+    else is held in memory. Every record shares the first one's `layout`; `read` returns features
+    float32 (n, *feature_shape) and targets (n, *target_shape) of `target_dtype` (int32 for an int64
+    class id or token, float32 for float targets; target_shape is () for one value, (k,) for k).
+    `read` and `read_serialized` may be called from many threads at once (e.g. tf.data map calls):
+    they share one reader per shard; the reader is thread-safe and releases the GIL while reading,
+    and per-thread readers measured no faster. In a tf.data graph, `read_serialized` in a
+    `tf.numpy_function` followed by `tf.io.parse_example(..., parsing_spec)` parses outside the GIL.
+    Call `close` once no read is in progress.
     """
 
     def __init__(self, pattern: str, *, features_key: str, labels_key: str,
@@ -122,23 +129,26 @@ class RecordShards:
         self._readers: list[ArrayRecordReader] = []
         self._closed = threading.Event()
         try:
-            for path in self.files:
-                self._readers.append(self._open(path))
+            self._open_and_check(features_key, labels_key, feature_shape)
         except BaseException:
             self.close()
             raise
+
+    def _open_and_check(self, features_key: str, labels_key: str, feature_shape: Sequence[int] | None) -> None:
+        for path in self.files:
+            self._readers.append(self._open(path))
         self.shard_sizes = np.array([reader.num_records() for reader in self._readers], dtype=np.int64)
         # shard_starts[s] is the global index of shard s's first record; the last entry is the total.
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self.num_records = int(self.shard_starts[-1])
         if not self.num_records:
-            self.close()
-            raise DataError(f"The ArrayRecord files '{pattern}' ({key}) hold no records. Expected {self._expected}.")
+            raise DataError(f"The ArrayRecord files '{self.pattern}' ({self.key}) hold no records. "
+                            f"Expected {self._expected}.")
         first_shard = int(np.flatnonzero(self.shard_sizes)[0])
         self.layout = ExampleLayout.of_record(
             self._read_shard(first_shard, [0], first_index=int(self.shard_starts[first_shard]))[0],
             features_key=features_key, labels_key=labels_key,
-            where=f"The first record of '{self.files[first_shard]}' ({key})")
+            where=f"The first record of '{self.files[first_shard]}' ({self.key})")
         self.feature_shape: tuple[int, ...] = self._checked_feature_shape(feature_shape)
         self.target_shape: tuple[int, ...] = () if self.layout.target_length == 1 else (self.layout.target_length,)
         self.target_dtype = np.dtype(np.int32 if self.layout.target_dtype == tf.int64 else np.float32)
