@@ -102,6 +102,10 @@ def test_tfrecord_records_are_copied_unchanged(tmp_path: Path) -> None:
         read_features, read_labels = shards.read(np.array([249, 0, 100, 0]))
         np.testing.assert_array_equal(read_features, features[[249, 0, 100, 0]])
         np.testing.assert_array_equal(read_labels, labels[[249, 0, 100, 0]])
+    convert_to_array_record(str(tmp_path / "part-*.tfrecord"), str(tmp_path / "four"), num_shards=4)
+    with RecordShards(str(tmp_path / "four" / "*"), features_key="features", labels_key="labels") as shards:
+        assert shards.shard_sizes.tolist() == [63, 63, 62, 62]  # counted first, then spread evenly
+        assert shards.read_serialized(np.arange(250)) == records
 
 
 @pytest.mark.parametrize("width", [1, 3])
@@ -387,3 +391,19 @@ def test_command_line_refusal_exits_2_with_one_line(tmp_path: Path, capsys: pyte
     assert exit_code_of(script.main, [str(tmp_path / "missing.npz"), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: Input '") and "no such file" in error and error.count("\n") == 1
+
+
+def test_npz_conversion_streams(tmp_path: Path) -> None:
+    """A 48 MB archive converts with a fraction of that allocated at once (numpy reports to tracemalloc)."""
+    import tracemalloc
+
+    features, labels = _arrays(12_000, (1000,))
+    np.savez(tmp_path / "big.npz", features=features, labels=labels)
+    del features, labels
+    tracemalloc.start()
+    try:
+        convert_to_array_record(str(tmp_path / "big.npz"), str(tmp_path / "out"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6, f"peak {peak / 1e6:.0f} MB"
