@@ -221,17 +221,23 @@ class RecordShards:
 
     def _read_shard(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
         try:
-            return self._readers[shard].read(local_indices)
+            records = self._readers[shard].read(local_indices)
         except RuntimeError:
-            pass
-        for local in local_indices:  # the batch failed: find the first bad record to name it
+            records = None
+        if records is not None and all(records):
+            return records
+        # array-record returns b"" for a record past the end of a file truncated after it was opened.
+        for local in local_indices:  # find the first bad record to name it
+            where = f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', {self.key})"
             try:
-                self._readers[shard].read([local])
+                record = self._readers[shard].read([local])[0]
             except RuntimeError as error:
-                raise DataError(f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', "
-                                f"{self.key}) cannot be read: {first_line(str(error))}. The file is corrupted or "
+                raise DataError(f"{where} cannot be read: {first_line(str(error))}. The file is corrupted or "
                                 f"truncated; expected {self._expected}. Rewrite the shard "
                                 "(scripts/convert_to_array_record.py).") from None
+            if not record:
+                raise DataError(f"{where} is empty: the file was truncated or replaced after it was opened (it has "
+                                f"{_size_of(self.files[shard])} now). Expected {self._expected}.")
         raise DataError(f"Records {sorted(local_indices)[:8]}... of shard '{self.files[shard]}' ({self.key}) cannot "
                         f"be read together though each can alone; expected {self._expected}.")
 
@@ -264,6 +270,13 @@ class RecordShards:
 
     def __len__(self) -> int:
         return self.num_records
+
+
+def _size_of(path: str) -> str:
+    try:
+        return f"{tf.io.gfile.stat(path).length} bytes"
+    except tf.errors.OpError:
+        return "no such file"
 
 
 def first_line(message: str) -> str:

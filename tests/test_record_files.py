@@ -250,6 +250,20 @@ def test_a_corrupted_record_is_named_when_first_read(tmp_path: Path) -> None:
                                   np.delete(features, 100, axis=0))  # every other record still reads
 
 
+def test_a_shard_truncated_after_open(tmp_path: Path) -> None:
+    pattern, features, _ = _shards(tmp_path)
+    shards = RecordShards(pattern, features_key="features", labels_key="labels")
+    victim = tmp_path / "data-00003-of-00005.array_record"  # global records 210..279
+    with victim.open("r+b") as handle:
+        handle.truncate(1000)  # the records of this small shard lie in its first ~7 kB
+    with pytest.raises(DataError, match=rf"Record 2\d\d \(record \d+ of shard '{re.escape(str(victim))}', data.path\) "
+                                        r"(is empty: the file was truncated or replaced after it was opened \(it has "
+                                        r"\d+ bytes now\)|cannot be read)") as raised:
+        shards.read(np.arange(300))
+    _one_paragraph(raised)
+    np.testing.assert_array_equal(shards.read(np.arange(210))[0], features[:210])
+
+
 def test_a_record_with_another_layout_is_named_when_first_read(tmp_path: Path) -> None:
     features, labels = _arrays(20)
     records = [_example(row, label) for row, label in zip(features, labels)]
