@@ -3,7 +3,8 @@
 Owns: checking a token file (exists, non-empty, a whole number of `dtype` tokens) and gathering
 windows of consecutive tokens at given start positions through `np.memmap`, the way nanoGPT feeds
 language models bigger than memory: only the pages under the requested windows are read, and the
-page cache (not this process) holds them, so memory stays bounded whatever the file's size.
+page cache (not this process) holds them, so memory stays bounded whatever the file's size. A
+file cut short while mapped is a `DataError` at the next read, not a SIGBUS.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class TokenFile:
             raise DataError(f"Token file '{path}' ({key}) has {size} bytes, not a multiple of {self.dtype.itemsize} "
                             f"(the size of data.dtype = {dtype}): it is truncated or was written with another dtype. "
                             f"Expected {expected}.")
-        self.num_tokens = size // self.dtype.itemsize
-        self._tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        self.num_tokens, self._size = size // self.dtype.itemsize, size
+        self._file = open(path, "rb")  # noqa: SIM115 (held open for the memmap's lifetime; see close)
+        self._tokens = np.memmap(self._file, dtype=self.dtype, mode="r")
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """Tokens [start, start + length) for each start, as int32 (len(starts), length); ids must be < 2**31.
@@ -52,7 +54,25 @@ class TokenFile:
         if len(starts) and (starts.min() < 0 or starts.max() > self.num_tokens - length):
             raise IndexError(f"windows of {length} tokens starting in [{starts.min()}, {starts.max()}] do not fit in "
                              f"'{self.path}', which holds {self.num_tokens} tokens")
+        # A page of a mapped file cut short after mapping kills the process (SIGBUS) when touched:
+        # one fstat per batch turns the likely case (a file rewritten in place) into a DataError.
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self._size:
+            raise DataError(f"Token file '{self.path}' ({self.key}) shrank from {self._size} to {size} bytes while "
+                            "training read it: it was truncated or is being rewritten in place. Expected the file "
+                            "unchanged during the run (write a new file and rename it over the old one).")
         return self._tokens[starts[:, None] + np.arange(length)].astype(np.int32)
+
+    def close(self) -> None:
+        """Release the file (the mapping goes with the last window still viewing it); no windows afterwards."""
+        self._file.close()
+        del self._tokens
+
+    def __enter__(self) -> TokenFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return self.num_tokens

@@ -65,3 +65,13 @@ def test_bad_token_files(tmp_path: Path) -> None:
         TokenFile(str(tmp_path / "missing.bin"), dtype="uint16")
     with pytest.raises(DataError, match=r"'data.dtype' = 'int16' is invalid: expected one of \['uint8'"):
         TokenFile(str(odd), dtype="int16")
+
+
+def test_a_file_cut_short_while_open_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """Touching a mapped page past the new end of a truncated file would kill the process (SIGBUS)."""
+    np.arange(100_000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    with TokenFile(str(tmp_path / "train.bin"), dtype="uint16") as token_file:
+        with (tmp_path / "train.bin").open("r+b") as handle:
+            handle.truncate(1000)
+        with pytest.raises(DataError, match=r"train.bin' \(data.path\) shrank from 200000 to 1000 bytes"):
+            token_file.windows(np.array([99_000]), 64)
