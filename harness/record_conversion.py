@@ -12,6 +12,7 @@ and by benchmarks that need a data set on disk (`write_synthetic_shards`, `write
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
@@ -135,7 +136,11 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
     else:
         sizes = None
     per_shard = records_per_shard or DEFAULT_RECORDS_PER_SHARD
-    tf.io.gfile.makedirs(output_dir)
+    try:
+        tf.io.gfile.makedirs(output_dir)
+    except tf.errors.OpError as error:
+        raise DataError(f"Output directory '{output_dir}' cannot be created ({first_line(error.message)}): expected "
+                        "a writable directory.") from None
     temporary: list[str] = []
     writer: ArrayRecordWriter | None = None
     written_in_shard = written = 0
@@ -159,11 +164,16 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
         if writer is not None:
             writer.close()
             writer = None
-    except BaseException:
+    except BaseException as error:
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(RuntimeError):
+                writer.close()
         for path in temporary:
-            tf.io.gfile.remove(path)
+            with contextlib.suppress(tf.errors.OpError):
+                tf.io.gfile.remove(path)
+        if isinstance(error, RuntimeError):  # array-record's report of a failed open or write (disk full, permissions)
+            raise DataError(f"Shards cannot be written to '{output_dir}' ({first_line(str(error))}): expected a "
+                            "writable directory with room for the shards; nothing was kept.") from None
         raise
     finally:
         bar.close()

@@ -322,6 +322,20 @@ def test_existing_shards_are_kept_unless_overwrite(tmp_path: Path) -> None:
         "data-00000-of-00002.array_record", "data-00001-of-00002.array_record"]
 
 
+def test_an_unwritable_output_directory(tmp_path: Path) -> None:
+    from tests.test_shared_filesystem import tiny_filesystem
+
+    features, labels = _arrays(2000, (784,))  # 6 MB of records
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(DataError, match=r"Output directory '.*file/out' cannot be created"):
+        write_array_shards(features, labels, str(tmp_path / "file" / "out"))
+    with tiny_filesystem(tmp_path / "small", size="1m") as small:
+        with pytest.raises(DataError, match=rf"Shards cannot be written to '{small}' \(.*No space left") as raised:
+            write_array_shards(features, labels, str(small), records_per_shard=500)
+        _one_paragraph(raised)
+        assert list(small.iterdir()) == []  # the partial shards were removed
+
+
 def test_bad_tfrecord_input_leaves_no_shards(tmp_path: Path) -> None:
     features, labels = _arrays(3000)
     records = [_example(row, label) for row, label in zip(features, labels)]
