@@ -51,17 +51,20 @@ def shard_name(shard: int, num_shards: int) -> str:
 
 def convert_to_array_record(source: str, output_dir: str, *, records_per_shard: int | None = None,
                             num_shards: int | None = None, features_key: str = "features",
-                            labels_key: str = "labels", overwrite: bool = False,
+                            labels_key: str = "labels", class_ids: bool = False, overwrite: bool = False,
                             progress: bool = False) -> ConversionSummary:
     """Convert a glob of TFRecord files or one .npz archive to ArrayRecord shards in `output_dir`.
 
     Give at most one of `records_per_shard` (default `DEFAULT_RECORDS_PER_SHARD`) and `num_shards`
-    (TFRecord input is then counted in a first streaming pass). Bad input, or existing shards
-    without `overwrite`, raise `DataError` before anything in `output_dir` changes.
+    (TFRecord input is then counted in a first streaming pass). .npz labels keep their kind (integers
+    become int64 class ids, floats float targets) unless `class_ids`: then float labels that are
+    whole numbers are stored as int64 class ids too. Bad input, or existing shards without
+    `overwrite`, raise `DataError`; `output_dir` keeps no partial shard.
     """
     _check_sharding(records_per_shard, num_shards)
     if source.endswith(".npz"):
-        num_records, chunks = _npz_records(source, features_key=features_key, labels_key=labels_key)
+        num_records, chunks = _npz_records(source, features_key=features_key, labels_key=labels_key,
+                                           class_ids=class_ids)
     else:
         num_records, chunks = _tfrecord_records(source, features_key=features_key, labels_key=labels_key,
                                                 count=num_shards is not None)
@@ -71,16 +74,20 @@ def convert_to_array_record(source: str, output_dir: str, *, records_per_shard: 
 
 def write_array_shards(features: np.ndarray, labels: np.ndarray, output_dir: str, *,
                        records_per_shard: int | None = None, num_shards: int | None = None,
-                       features_key: str = "features", labels_key: str = "labels",
+                       features_key: str = "features", labels_key: str = "labels", class_ids: bool = False,
                        overwrite: bool = False, progress: bool = False) -> ConversionSummary:
     """Write `features` (N, ...) and `labels` (N,) or (N, k) as shards of `tf.train.Example`s.
 
     Integer features/labels are stored as int64 values, floats as floats (features flattened per
-    record). Arrays may be `np.memmap`s bigger than memory: rows are serialized a chunk at a time.
+    record); with `class_ids`, whole-number float labels are stored as int64 class ids. Arrays may
+    be `np.memmap`s bigger than memory: rows are serialized a chunk at a time.
     """
     _check_sharding(records_per_shard, num_shards)
-    _check_arrays(features.shape, features.dtype, labels.shape, labels.dtype, where="The arrays")
-    chunks = (_serialize_rows(features[start:start + _CHUNK_ROWS], labels[start:start + _CHUNK_ROWS],
+    _check_arrays(features.shape, features.dtype, labels.shape, labels.dtype, where="The arrays",
+                  class_ids=class_ids)
+    chunks = (_serialize_rows(features[start:start + _CHUNK_ROWS],
+                              _labels(labels[start:start + _CHUNK_ROWS], class_ids=class_ids, first_row=start,
+                                      where="The arrays"),
                               features_key=features_key, labels_key=labels_key)
               for start in range(0, len(features), _CHUNK_ROWS))
     return _write_shards(chunks, output_dir, num_records=len(features), records_per_shard=records_per_shard,
@@ -237,7 +244,8 @@ def _tfrecord_records(pattern: str, *, features_key: str, labels_key: str,
 # ---------------------------------------------------------------------------------------------
 # .npz input and arrays: serialized a chunk of rows at a time
 # ---------------------------------------------------------------------------------------------
-def _npz_records(path: str, *, features_key: str, labels_key: str) -> tuple[int, Iterator[list[bytes]]]:
+def _npz_records(path: str, *, features_key: str, labels_key: str,
+                 class_ids: bool) -> tuple[int, Iterator[list[bytes]]]:
     expected = (f"a .npz archive written by numpy.savez with arrays '{features_key}' (N, ...) of numbers and "
                 f"'{labels_key}' (N,) of integers or (N,) / (N, k) of floats")
     if not os.path.isfile(path):
@@ -256,12 +264,15 @@ def _npz_records(path: str, *, features_key: str, labels_key: str) -> tuple[int,
                                                              expected=expected)
     label_rows, labels_shape, labels_dtype = _npy_rows(archive, members[labels_key], path=path, expected=expected)
     _check_arrays(features_shape, features_dtype, labels_shape, labels_dtype, where=f"Input '{path}'",
-                  expected=expected)
+                  expected=expected, class_ids=class_ids)
 
     def chunks() -> Iterator[list[bytes]]:
         with archive:
-            for features, labels in zip(feature_rows(), label_rows()):
-                yield _serialize_rows(features, labels, features_key=features_key, labels_key=labels_key)
+            for start, (features, labels) in zip(range(0, features_shape[0], _CHUNK_ROWS),
+                                                 zip(feature_rows(), label_rows())):
+                yield _serialize_rows(features, _labels(labels, class_ids=class_ids, first_row=start,
+                                                        where=f"Input '{path}'"),
+                                      features_key=features_key, labels_key=labels_key)
 
     return features_shape[0], chunks()
 
@@ -303,19 +314,32 @@ def _npy_rows(archive: zipfile.ZipFile, member: str, *, path: str,
 
 
 def _check_arrays(features_shape: tuple[int, ...], features_dtype: np.dtype, labels_shape: tuple[int, ...],
-                  labels_dtype: np.dtype, *, where: str, expected: str | None = None) -> None:
+                  labels_dtype: np.dtype, *, where: str, expected: str | None = None,
+                  class_ids: bool = False) -> None:
     expected = expected or ("features (N, ...) of numbers and labels (N,) of integers or (N,) / (N, k) of floats")
     problem = None
     if features_dtype.kind not in "biuf" or len(features_shape) < 2 or not math.prod(features_shape[1:]):
         problem = f"features have shape {features_shape} and dtype {features_dtype}"
     elif labels_dtype.kind not in "biuf" or len(labels_shape) not in (1, 2) or labels_shape[0] != features_shape[0]:
         problem = f"labels have shape {labels_shape} and dtype {labels_dtype} for {features_shape[0]} feature rows"
-    elif labels_dtype.kind in "biu" and math.prod(labels_shape[1:]) != 1:
-        problem = f"integer labels have shape {labels_shape}: one class id or token per example is supported"
+    elif (labels_dtype.kind in "biu" or class_ids) and math.prod(labels_shape[1:]) != 1:
+        problem = f"class-id labels have shape {labels_shape}: one class id or token per example is supported"
     elif not features_shape[0]:
         problem = "they hold no examples"
     if problem:
         raise DataError(f"{where}: {problem}. Expected {expected}.")
+
+
+def _labels(labels: np.ndarray, *, class_ids: bool, first_row: int, where: str) -> np.ndarray:
+    """`labels` as they are, or as int64 class ids (`class_ids`), refusing fractions."""
+    if not class_ids or labels.dtype.kind in "biu":
+        return labels
+    fractional = np.flatnonzero(labels.reshape(len(labels)) != np.round(labels.reshape(len(labels))))
+    if len(fractional):
+        row = first_row + int(fractional[0])
+        raise DataError(f"{where}: label {labels.reshape(-1)[fractional[0]]} of row {row} is not a whole number; "
+                        "class ids (--class-ids) must be. Leave out --class-ids to store float targets.")
+    return labels.astype(np.int64)
 
 
 def _serialize_rows(features: np.ndarray, labels: np.ndarray, *, features_key: str, labels_key: str) -> list[bytes]:

@@ -34,6 +34,9 @@ def main(argv: list[str]) -> int:
     sharding.add_argument("--num-shards", type=int, default=None, help="number of shards, records spread evenly")
     parser.add_argument("--features-key", default="features", help="feature / array name of the inputs")
     parser.add_argument("--labels-key", default="labels", help="feature / array name of the targets")
+    parser.add_argument("--class-ids", action="store_true",
+                        help=".npz: store float labels that are whole numbers as int64 class ids (default: floats "
+                             "stay float targets)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUTPUT_DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv: list[str]) -> int:
 
     summary = convert_to_array_record(args.input, args.output_dir, records_per_shard=args.records_per_shard,
                                       num_shards=args.num_shards, features_key=args.features_key,
-                                      labels_key=args.labels_key, overwrite=args.overwrite,
+                                      labels_key=args.labels_key, class_ids=args.class_ids, overwrite=args.overwrite,
                                       progress=not args.no_progress)
     print(summary)
     return 0

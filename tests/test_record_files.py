@@ -435,3 +435,18 @@ def test_npz_conversion_streams(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 20e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_float_class_ids_on_request(tmp_path: Path) -> None:
+    features, labels = _arrays(1500)
+    np.savez(tmp_path / "in.npz", features=features, labels=(labels % 7).astype(np.float64)[:, None])
+    convert_to_array_record(str(tmp_path / "in.npz"), str(tmp_path / "ids"), class_ids=True)
+    with RecordShards(str(tmp_path / "ids" / "*"), features_key="features", labels_key="labels") as shards:
+        assert (shards.target_dtype, shards.target_shape) == (np.int32, ())
+        np.testing.assert_array_equal(shards.read(np.arange(1500))[1], labels % 7)
+    fractional = (labels % 7).astype(np.float64)
+    fractional[1300] = 2.5
+    np.savez(tmp_path / "bad.npz", features=features, labels=fractional)
+    with pytest.raises(DataError, match=r"label 2.5 of row 1300 is not a whole number"):
+        convert_to_array_record(str(tmp_path / "bad.npz"), str(tmp_path / "bad"), class_ids=True)
+    assert list((tmp_path / "bad").iterdir()) == []
