@@ -1,0 +1,285 @@
+"""Random access by index over ArrayRecord shards of `tf.train.Example`s, never loading the data set.
+
+Owns: opening a glob of ArrayRecord shards, checking them at start-up, mapping a global record
+index to (shard, local index), and reading a batch of records by index into numpy arrays. The
+records have the layout of `data=tfrecord` (see `ExampleLayout`): a fixed-length float or int64
+feature `features_key` and a target `labels_key` that is one int64 (a class id or a token) or one or
+more floats (regression targets).
+
+Guarantees: every user-fixable problem is one `DataError` paragraph naming the file, the record
+index where known and what was expected: a pattern matching no file; a file that is not an
+ArrayRecord file, or is truncated (checked when opened: the footer and index are read and so is
+each shard's first record); a record that cannot be read or parsed, or differs from the first
+record's layout, when it is first read mid-run (naming the shard, the global and the local index).
+array-record 0.8.6 reports all of these as Python exceptions (checked: truncated, zeroed, bit-flipped,
+empty, TFRecord and directory inputs), never by aborting the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from array_record.python.array_record_module import ArrayRecordReader
+
+from harness.errors import DataError
+
+# Random access: no readahead, and reads of a batch run in the calling thread (the tf.data map
+# threads already run in parallel; a nested pool per call was slower, see tests/test_record_files.py).
+READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+READER_BUFFER_BYTES = 32 * 1024  # what Grain uses for random access: one record, not 1 MiB around it
+
+
+def expected_records(features_key: str, labels_key: str) -> str:
+    """What a record must hold: the tail of every layout error."""
+    return (f"tf.train.Example records, each with a feature '{features_key}' of a fixed number of float or int64 "
+            f"values and a feature '{labels_key}' holding one int64 (a class id or token) or a fixed number of "
+            "floats (regression targets)")
+
+
+@dataclass(frozen=True)
+class ExampleLayout:
+    """The layout every record must share, read off the first one.
+
+    `feature_length` values of `feature_dtype` (tf.float32 or tf.int64) under `features_key`;
+    `target_length` values of `target_dtype` (one tf.int64, or floats) under `labels_key`.
+    """
+
+    features_key: str
+    labels_key: str
+    feature_length: int
+    feature_dtype: tf.DType
+    target_length: int
+    target_dtype: tf.DType
+
+    @classmethod
+    def of_record(cls, record: bytes, *, features_key: str, labels_key: str, where: str) -> ExampleLayout:
+        """The layout of one serialized record, or a `DataError` beginning with `where`."""
+        from google.protobuf.message import DecodeError
+
+        expected = expected_records(features_key, labels_key)
+        try:
+            example = tf.train.Example.FromString(record)
+        except DecodeError:
+            raise DataError(f"{where} is not a tf.train.Example. Expected {expected}.") from None
+        available = sorted(example.features.feature)
+        for name in (features_key, labels_key):
+            if name not in example.features.feature:
+                raise DataError(f"{where} has no feature '{name}'; it has {available}. Expected {expected}; set "
+                                "data.features_key / data.labels_key to the names in the file.")
+        feature = example.features.feature[features_key]
+        kind = feature.WhichOneof("kind")
+        if kind not in ("float_list", "int64_list") or not getattr(feature, kind).value:
+            raise DataError(f"{where}: feature '{features_key}' holds {kind or 'nothing'}; expected float or int64 "
+                            f"values (decode images to numbers when writing the records). Expected {expected}.")
+        target = example.features.feature[labels_key]
+        target_kind = target.WhichOneof("kind")
+        target_length = len(getattr(target, target_kind).value) if target_kind else 0
+        one_id = target_kind == "int64_list" and target_length == 1
+        if not (one_id or (target_kind == "float_list" and target_length)):
+            raise DataError(f"{where}: feature '{labels_key}' holds {target_length} "
+                            f"{(target_kind or 'empty').replace('_list', '')} values; expected one int64 or one or "
+                            f"more floats. Expected {expected}.")
+        return cls(features_key, labels_key, len(getattr(feature, kind).value),
+                   tf.float32 if kind == "float_list" else tf.int64, target_length,
+                   tf.float32 if target_kind == "float_list" else tf.int64)
+
+    @property
+    def parsing_spec(self) -> dict[str, tf.io.FixedLenFeature]:
+        """The `tf.io.parse_example` spec of a batch of records (a scalar target when it holds one value)."""
+        target_shape = [] if self.target_length == 1 else [self.target_length]
+        return {self.features_key: tf.io.FixedLenFeature([self.feature_length], self.feature_dtype),
+                self.labels_key: tf.io.FixedLenFeature(target_shape, self.target_dtype)}
+
+    def describe(self) -> str:
+        return (f"'{self.features_key}': {self.feature_length} {self.feature_dtype.name}, "
+                f"'{self.labels_key}': {self.target_length} {self.target_dtype.name}")
+
+
+class RecordShards:
+    """Read-only random access to the records of every ArrayRecord shard matching a glob pattern.
+
+    Global record indices run through the shards in sorted file-name order (`files`): shard s holds
+    `shard_sizes[s]` records starting at global index `shard_starts[s]`; `num_records` in all.
+    Opening reads each shard's footer and index (8 bytes per record) and its first record; nothing
+    else is held in memory. Every record shares the first one's `layout`; `read` returns features
+    float32 (n, *feature_shape) and targets (n, *target_shape) of `target_dtype` (int32 for an int64
+    class id or token, float32 for float targets; target_shape is () for one value, (k,) for k).
+    `read` and `read_serialized` may be called from many threads at once (e.g. tf.data map calls):
+    they share one reader per shard; the reader is thread-safe and releases the GIL while reading,
+    and per-thread readers measured no faster. In a tf.data graph, `read_serialized` in a
+    `tf.numpy_function` followed by `tf.io.parse_example(..., parsing_spec)` parses outside the GIL.
+    Call `close` once no read is in progress.
+    """
+
+    def __init__(self, pattern: str, *, features_key: str, labels_key: str,
+                 feature_shape: Sequence[int] | None = None, key: str = "data.path") -> None:
+        self.pattern, self.key = pattern, key
+        self._expected = expected_records(features_key, labels_key)
+        self.files: list[str] = sorted(tf.io.gfile.glob(pattern))
+        if not self.files:
+            raise DataError(f"Config key '{key}' = '{pattern}' matches no file. Expected ArrayRecord shards of "
+                            f"{self._expected} (scripts/convert_to_array_record.py writes them).")
+        self._readers: list[ArrayRecordReader] = []
+        self._closed = threading.Event()
+        try:
+            self._open_and_check(features_key, labels_key, feature_shape)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_and_check(self, features_key: str, labels_key: str, feature_shape: Sequence[int] | None) -> None:
+        for path in self.files:
+            self._readers.append(self._open(path))
+        self.shard_sizes = np.array([reader.num_records() for reader in self._readers], dtype=np.int64)
+        # shard_starts[s] is the global index of shard s's first record; the last entry is the total.
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+        self.num_records = int(self.shard_starts[-1])
+        if not self.num_records:
+            raise DataError(f"The ArrayRecord files '{self.pattern}' ({self.key}) hold no records. "
+                            f"Expected {self._expected}.")
+        first_shard = int(np.flatnonzero(self.shard_sizes)[0])
+        self.layout = ExampleLayout.of_record(
+            self._read_shard(first_shard, [0], first_index=int(self.shard_starts[first_shard]))[0],
+            features_key=features_key, labels_key=labels_key,
+            where=f"The first record of '{self.files[first_shard]}' ({self.key})")
+        self.feature_shape: tuple[int, ...] = self._checked_feature_shape(feature_shape)
+        self.target_shape: tuple[int, ...] = () if self.layout.target_length == 1 else (self.layout.target_length,)
+        self.target_dtype = np.dtype(np.int32 if self.layout.target_dtype == tf.int64 else np.float32)
+        self.read(self.shard_starts[:-1][self.shard_sizes > 0])  # another data set's shard fails now, not mid-run
+
+    def _open(self, path: str) -> ArrayRecordReader:
+        reader = ArrayRecordReader(path, READER_OPTIONS, file_reader_buffer_size=READER_BUFFER_BYTES)
+        if reader.ok():
+            return reader
+        try:  # a reader that failed to open reports why only when asked to read
+            reader.read([0])
+            reason = "it cannot be opened"
+        except (RuntimeError, IndexError) as error:
+            reason = first_line(str(error))
+        with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error again
+            reader.close()
+        raise DataError(f"Data file '{path}' ({self.key}) is not a readable ArrayRecord file: {reason}. It may be "
+                        f"truncated, corrupted or in another format. Expected an ArrayRecord shard of "
+                        f"{self._expected} (scripts/convert_to_array_record.py writes them).")
+
+    def _checked_feature_shape(self, feature_shape: Sequence[int] | None) -> tuple[int, ...]:
+        if feature_shape is None:
+            return (self.layout.feature_length,)
+        if math.prod(feature_shape) != self.layout.feature_length or min(feature_shape, default=0) < 1:
+            raise DataError(f"Config key 'data.feature_shape' = {list(feature_shape)} holds "
+                            f"{math.prod(feature_shape)} values but the records of '{self.pattern}' ({self.key}) "
+                            f"have {self.layout.feature_length}: expected positive sizes whose product is "
+                            f"{self.layout.feature_length}.")
+        return tuple(int(size) for size in feature_shape)
+
+    @property
+    def parsing_spec(self) -> dict[str, tf.io.FixedLenFeature]:
+        """For parsing `read_serialized` output inside a tf.data graph instead of calling `read`."""
+        return self.layout.parsing_spec
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The records at global `indices` (any order, repeats allowed), in that order.
+
+        Returns features float32 (n, *feature_shape) and targets (n, *target_shape) of `target_dtype`.
+        A record that cannot be read or parsed raises `DataError` naming its shard and indices.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        serialized = self.read_serialized(indices)
+        try:
+            parsed = tf.io.parse_example(tf.constant(serialized, dtype=tf.string), self.layout.parsing_spec)
+        except tf.errors.InvalidArgumentError as error:
+            raise self._layout_error(indices, serialized, error) from None
+        features = parsed[self.layout.features_key].numpy()
+        targets = parsed[self.layout.labels_key].numpy()
+        return (features.astype(np.float32, copy=False).reshape((len(indices), *self.feature_shape)),
+                targets.astype(self.target_dtype, copy=False))
+
+    def read_serialized(self, indices: np.ndarray) -> list[bytes]:
+        """The serialized `tf.train.Example`s at global `indices`, in that order; one batched read per shard."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._closed.is_set():
+            raise ValueError(f"RecordShards('{self.pattern}') is closed")
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_records):
+            raise IndexError(f"record indices span [{indices.min()}, {indices.max()}] but '{self.pattern}' holds "
+                             f"{self.num_records} records")
+        shards = np.searchsorted(self.shard_starts, indices, side="right") - 1
+        records: list[bytes] = [b""] * len(indices)
+        for shard in np.unique(shards):
+            positions = np.flatnonzero(shards == shard)
+            local = indices[positions] - self.shard_starts[shard]
+            for position, record in zip(positions, self._read_shard(int(shard), local.tolist(),
+                                                                    first_index=int(self.shard_starts[shard]))):
+                records[position] = record
+        return records
+
+    def _read_shard(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
+        try:
+            records = self._readers[shard].read(local_indices)
+        except RuntimeError:
+            records = None
+        if records is not None and all(records):
+            return records
+        # array-record returns b"" for a record past the end of a file truncated after it was opened.
+        for local in local_indices:  # find the first bad record to name it
+            where = f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', {self.key})"
+            try:
+                record = self._readers[shard].read([local])[0]
+            except RuntimeError as error:
+                raise DataError(f"{where} cannot be read: {first_line(str(error))}. The file is corrupted or "
+                                f"truncated; expected {self._expected}. Rewrite the shard "
+                                "(scripts/convert_to_array_record.py).") from None
+            if not record:
+                raise DataError(f"{where} is empty: the file was truncated or replaced after it was opened (it has "
+                                f"{_size_of(self.files[shard])} now). Expected {self._expected}.")
+        raise DataError(f"Records {sorted(local_indices)[:8]}... of shard '{self.files[shard]}' ({self.key}) cannot "
+                        f"be read together though each can alone; expected {self._expected}.")
+
+    def _layout_error(self, indices: np.ndarray, serialized: list[bytes],
+                      error: tf.errors.InvalidArgumentError) -> DataError:
+        """Which record of a batch does not parse, named by shard and index."""
+        for index, record in zip(indices, serialized):
+            try:
+                tf.io.parse_example([record], self.layout.parsing_spec)
+            except tf.errors.InvalidArgumentError as single:
+                shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
+                return DataError(
+                    f"Record {index} (record {index - self.shard_starts[shard]} of shard '{self.files[shard]}', "
+                    f"{self.key}) does not match the layout of the first record ({self.layout.describe()}): "
+                    f"{first_line(single.message)}. Expected {self._expected}.")
+        return DataError(f"Records of '{self.pattern}' ({self.key}) cannot be parsed as a batch: "
+                         f"{first_line(error.message)}. Expected {self._expected}.")
+
+    def close(self) -> None:
+        """Release every shard's file; reads afterwards raise ValueError."""
+        self._closed.set()
+        for reader in self._readers:
+            reader.close()
+
+    def __enter__(self) -> RecordShards:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_records
+
+
+def _size_of(path: str) -> str:
+    try:
+        return f"{tf.io.gfile.stat(path).length} bytes"
+    except tf.errors.OpError:
+        return "no such file"
+
+
+def first_line(message: str) -> str:
+    """An error's first line without TensorFlow's op and function-node decorations."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*", "", message or "").strip()
+    return (text.splitlines() or ["unknown error"])[0][:300]

@@ -1,0 +1,78 @@
+"""Windows of tokens read by position from a flat binary token file, never loading the file.
+
+Owns: checking a token file (exists, non-empty, a whole number of `dtype` tokens) and gathering
+windows of consecutive tokens at given start positions through `np.memmap`, the way nanoGPT feeds
+language models bigger than memory: only the pages under the requested windows are read, and the
+page cache (not this process) holds them, so memory stays bounded whatever the file's size. A
+file cut short while mapped is a `DataError` at the next read, not a SIGBUS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from harness.errors import DataError
+
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what tokenizers write: byte-level, vocab < 65536, larger
+
+
+class TokenFile:
+    """A file of `num_tokens` unsigned integers of `dtype`, native byte order, no header (`array.tofile`)."""
+
+    def __init__(self, path: str, *, dtype: str, key: str = "data.path") -> None:
+        self.path, self.key = path, key
+        expected = (f"a flat binary file of {'/'.join(TOKEN_DTYPES)} token ids with no header, as "
+                    "numpy.ndarray.tofile writes")
+        if dtype not in TOKEN_DTYPES:
+            raise DataError(f"Config key 'data.dtype' = {dtype!r} is invalid: expected one of {list(TOKEN_DTYPES)}, "
+                            "the type the token file was written with.")
+        self.dtype = np.dtype(dtype)
+        if not os.path.isfile(path):
+            raise DataError(f"Config key '{key}' = '{path}': no such file. Expected {expected}.")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise DataError(f"Token file '{path}' ({key}) is empty. Expected {expected}.")
+        if size % self.dtype.itemsize:
+            raise DataError(f"Token file '{path}' ({key}) has {size} bytes, not a multiple of {self.dtype.itemsize} "
+                            f"(the size of data.dtype = {dtype}): it is truncated or was written with another dtype. "
+                            f"Expected {expected}.")
+        self.num_tokens, self._size = size // self.dtype.itemsize, size
+        self._file = open(path, "rb")  # noqa: SIM115 (held open for the memmap's lifetime; see close)
+        self._tokens = np.memmap(self._file, dtype=self.dtype, mode="r")
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Tokens [start, start + length) for each start, as int32 (len(starts), length); ids must be < 2**31.
+
+        Every window must lie inside the file: 0 <= start <= num_tokens - length (IndexError
+        otherwise: the caller chose the positions). Safe to call from many threads.
+        """
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if length < 1:
+            raise ValueError(f"window length {length} must be positive")
+        if len(starts) and (starts.min() < 0 or starts.max() > self.num_tokens - length):
+            raise IndexError(f"windows of {length} tokens starting in [{starts.min()}, {starts.max()}] do not fit in "
+                             f"'{self.path}', which holds {self.num_tokens} tokens")
+        # A page of a mapped file cut short after mapping kills the process (SIGBUS) when touched:
+        # one fstat per batch turns the likely case (a file rewritten in place) into a DataError.
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self._size:
+            raise DataError(f"Token file '{self.path}' ({self.key}) shrank from {self._size} to {size} bytes while "
+                            "training read it: it was truncated or is being rewritten in place. Expected the file "
+                            "unchanged during the run (write a new file and rename it over the old one).")
+        return self._tokens[starts[:, None] + np.arange(length)].astype(np.int32)
+
+    def close(self) -> None:
+        """Release the file (the mapping goes with the last window still viewing it); no windows afterwards."""
+        self._file.close()
+        del self._tokens
+
+    def __enter__(self) -> TokenFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_tokens
