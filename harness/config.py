@@ -144,9 +144,25 @@ class DiabetesDataConfig(DataConfig):
 @dataclass
 class TextDataConfig(DataConfig):
     name: str = "text"  # byte-level windows of a text file, for task=language_model
-    path: str | None = None  # a text file; None = the default corpus (Python's documentation, no download)
+    path: str | None = None  # a text file, read by np.memmap; None = the default corpus (Python's docs, in memory)
     seq_len: int = 128  # tokens (bytes) the model sees per example; targets are the next ones
     eval_fraction: float = 0.1  # the end of the text held out for eval
+
+
+@dataclass
+class ArrayRecordDataConfig(FileDataConfig):
+    name: str = "array_record"  # ArrayRecord shards of tf.train.Example records, read by index (not loaded)
+    feature_shape: list[int] | None = None  # reshape each flat feature vector to this; None = keep it flat
+
+
+@dataclass
+class TokensDataConfig(DataConfig):
+    name: str = "tokens"  # a flat binary file of token ids (numpy tofile), read by np.memmap (not loaded)
+    path: str = MISSING
+    dtype: str = "uint16"  # uint8 | uint16 | uint32: how the ids were written
+    seq_len: int = 256  # tokens the model sees per example; targets are the next ones
+    eval_fraction: float = 0.01  # the end of the file held out for eval
+    vocab_size: int | None = None  # None = the largest id in the first windows + 1; set it for real vocabularies
 
 
 @dataclass
@@ -315,7 +331,8 @@ SCHEMAS_BY_GROUP: dict[str, dict[str, type]] = {
              "language_model": LanguageModelTaskConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig},
     "data": {"synthetic": SyntheticDataConfig, "npz": NpzDataConfig, "tfrecord": TFRecordDataConfig,
-             "digits": DigitsDataConfig, "diabetes": DiabetesDataConfig, "text": TextDataConfig},
+             "digits": DigitsDataConfig, "diabetes": DiabetesDataConfig, "text": TextDataConfig,
+             "array_record": ArrayRecordDataConfig, "tokens": TokensDataConfig},
     "optimizer": {"adam": AdamConfig, "adamw": AdamWConfig, "sgd": SGDConfig},
 }
 

@@ -106,13 +106,15 @@ class Controller:
     def run(self) -> Outcome:
         try:
             return self._run()
-        except _PEER_LOST_ERRORS as error:
-            if num_workers(self.strategy) <= 1:
-                raise  # not a lost peer: a bug or a local failure, keep the traceback
-            raise StalledError(
-                f"Lost contact with another worker at step {self.step}: {_first_line(error)} That worker crashed, was "
-                "killed or froze (check its log). Exiting so the scheduler restarts the whole job; every worker "
-                "resumes from the newest checkpoint.") from None
+        except tf.errors.OpError as error:
+            if self.pipeline.read_failure is not None:  # a data file went bad mid-run: the user's to fix
+                raise self.pipeline.read_failure from None
+            if isinstance(error, _PEER_LOST_ERRORS) and num_workers(self.strategy) > 1:
+                raise StalledError(
+                    f"Lost contact with another worker at step {self.step}: {_first_line(error)} That worker "
+                    "crashed, was killed or froze (check its log). Exiting so the scheduler restarts the whole job; "
+                    "every worker resumes from the newest checkpoint.") from None
+            raise  # not a lost peer: a bug or a local failure, keep the traceback
         finally:
             self.progress.close()
 

@@ -322,15 +322,12 @@ DEFAULT_CORPUS = "Python's reference documentation (pydoc_data.topics)"
 
 
 def _text_bytes(path: str | None) -> np.ndarray:
-    if path is None:
-        from pydoc_data.topics import topics  # English prose shipped with CPython's standard library
+    if path is not None:  # harness/file_sources.py reads files by memmap; this is for tests and tools
+        with tf.io.gfile.GFile(path, "rb") as handle:
+            return np.frombuffer(handle.read(), np.uint8)
+    from pydoc_data.topics import topics  # English prose shipped with CPython's standard library
 
-        return np.frombuffer("\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8"), np.uint8)
-    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
-        raise DataError(f"Config key 'data.path' = '{path}': no such file. Expected a text file (any bytes; each "
-                        "byte is one token), or data.path=null for the default corpus.")
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        return np.frombuffer(handle.read(), np.uint8)
+    return np.frombuffer("\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8"), np.uint8)
 
 
 def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:

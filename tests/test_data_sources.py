@@ -137,12 +137,14 @@ def test_regression_takes_float_targets_standardised_and_refuses_text_targets(tm
     task = Regression()
     prepared = task.prepare(load_examples(NpzDataConfig(path=str(tmp_path / "data.npz"), eval_fraction=0.25)))
     assert prepared.train_targets.dtype == np.float32 and prepared.train_targets.shape == (30, 2)
-    np.testing.assert_allclose(prepared.train_targets.mean(axis=0), 0, atol=1e-5)
-    np.testing.assert_allclose(prepared.train_targets.std(axis=0), 1, atol=1e-5)
+    np.testing.assert_allclose(task.target_mean, prepared.train_targets.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(task.target_std, prepared.train_targets.std(axis=0), rtol=1e-6)
     assert task.num_outputs == 2 and task.signature()["target_shape"] == [2]
-    back = np.asarray(task.serving_outputs(tf.constant(prepared.eval_targets)))  # serving undoes the scaling
-    eval_rows = load_examples(NpzDataConfig(path=str(tmp_path / "data.npz"), eval_fraction=0.25)).eval_targets
-    np.testing.assert_allclose(back, eval_rows, rtol=1e-5)
+    standardized = (prepared.eval_targets - task.target_mean) / task.target_std  # what the model learns to output
+    np.testing.assert_allclose(task.example_losses(tf.constant(prepared.eval_targets), tf.constant(standardized)), 0,
+                               atol=1e-6)
+    back = np.asarray(task.serving_outputs(tf.constant(standardized)))  # serving undoes the scaling
+    np.testing.assert_allclose(back, prepared.eval_targets, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,9 +40,12 @@ class Task:
 
     # -- data: called once with the loaded examples, before the model is built ---------------------
     def prepare(self, examples: ExampleArrays) -> ExampleArrays:
-        """Check the targets (raise `DataError` naming the task) and return them in training form.
+        """Check the targets (raise `DataError` naming the task) and learn what depends on the data
+        (class count, target statistics); return the examples, converted where that is cheaper.
 
-        Learn here what depends on the data (class count, target statistics) and return it from
+        Data bigger than memory is never loaded whole: then `examples` is a sample (the first
+        records of each split), and batches reach the loss with their targets as the files hold
+        them, so the losses and metrics take targets in that form. Return what was learned from
         `signature()`, so inference can rebuild the task without the data.
         """
         return examples

@@ -51,10 +51,11 @@ class Classification(Task):
         self.num_outputs = int(signature.get("num_classes", signature.get("num_outputs", 0)))
 
     def example_losses(self, targets: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
-        return keras.losses.sparse_categorical_crossentropy(targets, outputs, from_logits=True)
+        return keras.losses.sparse_categorical_crossentropy(_ids(targets), outputs, from_logits=True)
 
     def metric_sums(self, targets: tf.Tensor, outputs: tf.Tensor, weights: tf.Tensor) -> dict[str, tf.Tensor]:
-        correct = tf.cast(tf.equal(tf.argmax(outputs, axis=-1, output_type=tf.int32), targets), tf.float32)
+        hits = tf.equal(tf.argmax(outputs, axis=-1, output_type=tf.int32), _ids(targets))
+        correct = tf.cast(hits, tf.float32)
         return {"correct": tf.reduce_sum(correct * weights)}
 
     def metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -67,6 +68,11 @@ class Classification(Task):
         classes = probabilities.argmax(axis=1)
         return ["row,predicted_class,probability"] + [f"{row},{c},{probabilities[row, c]:.6f}"
                                                       for row, c in enumerate(classes)]
+
+
+def _ids(targets: tf.Tensor) -> tf.Tensor:
+    """int32 class ids (batch,) from targets as a file holds them: int or whole floats, (batch,) or (batch, 1)."""
+    return tf.reshape(tf.cast(targets, tf.int32), [-1])
 
 
 def _class_ids(targets: np.ndarray, split: str) -> np.ndarray:

@@ -21,9 +21,10 @@ class Regression(Task):
     """Mean squared / absolute / Huber loss; reports `rmse`, `mae` (target units) and `r2`.
 
     Targets (N,) or (N, k) numbers. With `standardize_targets` (default) the model learns targets
-    scaled to mean 0 and standard deviation 1 on the training split, as users expect of a
-    regression; metrics, `serve` and `scripts/predict.py` are in the original units (the
-    statistics are recorded in the model signature). R² is 1 - SSE/SST over the eval (or train)
+    scaled to mean 0 and standard deviation 1 on the training split (its first records, for data
+    bigger than memory), as users expect of a regression; the scaling happens inside the loss, so
+    the data stays as it is, and metrics, `serve` and `scripts/predict.py` are in the original
+    units (the statistics are recorded in the model signature). R² is 1 - SSE/SST over the eval (or train)
     examples, computed from sums so it is exact for any number of replicas and workers.
     """
 
@@ -59,12 +60,7 @@ class Regression(Task):
         else:
             self.target_mean = np.zeros([self.num_outputs], np.float32)
             self.target_std = np.ones([self.num_outputs], np.float32)
-        return replace(examples, train_targets=self._standardized(train), eval_targets=self._standardized(evaluation),
-                       num_classes=None)
-
-    def _standardized(self, targets: np.ndarray) -> np.ndarray:
-        columns = (targets.reshape(len(targets), -1) - self.target_mean) / self.target_std
-        return columns.reshape(targets.shape).astype(np.float32)
+        return replace(examples, train_targets=train, eval_targets=evaluation, num_classes=None)
 
     def signature(self) -> dict[str, Any]:
         return {"num_outputs": int(self.num_outputs), "target_shape": list(self.target_shape),
@@ -78,8 +74,10 @@ class Regression(Task):
 
     # -- training --------------------------------------------------------------------------------
     def _flat(self, targets: tf.Tensor, outputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Standardised targets and the outputs (which are in standardised units), both (batch, k)."""
         batch = tf.shape(outputs)[0]
-        return tf.reshape(tf.cast(targets, tf.float32), [batch, -1]), tf.reshape(outputs, [batch, -1])
+        targets = (tf.reshape(tf.cast(targets, tf.float32), [batch, -1]) - self.target_mean) / self.target_std
+        return targets, tf.reshape(outputs, [batch, -1])
 
     def example_losses(self, targets: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
         targets, outputs = self._flat(targets, outputs)

@@ -1,0 +1,205 @@
+"""Data bigger than memory: ArrayRecord shards and token files read by index (harness/file_sources.py).
+
+In-process: file-backed batches are the in-memory batches, for any number of input pipelines, and
+the eval split is covered once. End to end with real processes: a SIGKILLed array_record run
+resumes bit-exactly and ends where the same data held in memory ends; a token-file language model
+likewise; a run saved by 2 workers resumes on 1 with the same global batches; a record that goes
+bad mid-run exits 2 naming it, checkpoints untouched; shards that gained records are refused on
+resume.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harness.chaos import compare_checkpoints
+from harness.config import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
+from harness.data import SeekableInput
+from harness.data_sources import load_examples
+from harness.file_sources import array_record, text_file, tokens
+from harness.record_conversion import write_array_shards
+from tests.background import BackgroundRun
+from tests.conftest import (
+    PROJECT_ROOT,
+    assert_ok,
+    checkpoint_values,
+    run_train,
+    subprocess_env,
+    train_command,
+)
+
+NUM_RECORDS, WIDTH, CLASSES = 2400, 16, 4
+
+
+def _data_set(directory: Path) -> tuple[Path, Path]:
+    """The same examples as an .npz archive and as 3 ArrayRecord shards."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(NUM_RECORDS, WIDTH)).astype(np.float32)
+    labels = features[:, :CLASSES].argmax(axis=1).astype(np.int64)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez(directory / "data.npz", features=features, labels=labels)
+    write_array_shards(features, labels, str(directory / "shards"), num_shards=3, class_ids=True)
+    return directory / "data.npz", directory / "shards"
+
+
+def _pipelines(examples, *, num_replicas: int) -> SeekableInput:
+    return SeekableInput(examples, global_batch_size=8 * num_replicas, eval_batch_size=8 * num_replicas,
+                         shuffle_seed=3, prefetch=0, num_replicas=num_replicas)
+
+
+def _batches(pipeline: SeekableInput, *, workers: int, steps: int, start_step: int = 0) -> list[np.ndarray]:
+    """Per step, the global batch's features as the `workers` input pipelines produce them together."""
+    per_worker = []
+    for worker in range(workers):
+        context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker,
+                                             num_replicas_in_sync=pipeline.num_replicas)
+        local = pipeline.num_replicas // workers
+        batches = list(pipeline.train_dataset(context, start_step=start_step).take(steps * local))
+        per_worker.append([np.concatenate([b.features.numpy() for b in batches[s * local:(s + 1) * local]])
+                           for s in range(steps)])
+    return [np.concatenate([per_worker[w][s] for w in range(workers)]) for s in range(steps)]
+
+
+def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers(tmp_path: Path) -> None:
+    npz, shards = _data_set(tmp_path)
+    in_memory = load_examples(NpzDataConfig(path=str(npz)))
+    from_files = array_record(ArrayRecordDataConfig(path=str(shards / "*")))
+    assert (from_files.num_train, from_files.num_eval) == (len(in_memory.train_targets), len(in_memory.eval_targets))
+    reference = _batches(_pipelines(in_memory, num_replicas=2), workers=1, steps=4, start_step=290)  # epoch 2
+    for workers in (1, 2):
+        batches = _batches(_pipelines(from_files, num_replicas=2), workers=workers, steps=4, start_step=290)
+        for expected, actual in zip(reference, batches, strict=True):
+            np.testing.assert_array_equal(actual, expected)
+    # Eval: every eval example once, padding weighted 0, whatever the pipeline count.
+    pipeline = _pipelines(from_files, num_replicas=2)
+    seen = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        for batch in pipeline.eval_dataset(context):
+            seen.extend(map(tuple, batch.features.numpy()[batch.weights.numpy() > 0]))
+    assert sorted(seen) == sorted(map(tuple, in_memory.eval_features))
+
+
+def test_token_windows_are_read_by_memmap_and_match_the_bytes(tmp_path: Path) -> None:
+    text = (b"the quick brown fox jumps over the lazy dog. " * 40)
+    (tmp_path / "corpus.txt").write_bytes(text)
+    np.frombuffer(text, np.uint8).astype(np.uint16).tofile(tmp_path / "corpus.bin")
+    in_memory = load_examples(TextDataConfig(path=str(tmp_path / "corpus.txt"), seq_len=16))
+    for examples in (text_file(TextDataConfig(path=str(tmp_path / "corpus.txt"), seq_len=16)),
+                     tokens(TokensDataConfig(path=str(tmp_path / "corpus.bin"), dtype="uint16", seq_len=16,
+                                             eval_fraction=0.1))):
+        assert (examples.num_train, examples.num_eval) == (len(in_memory.train_targets), len(in_memory.eval_targets))
+        features, targets = examples.train.read(np.array([0, 7, 3]))
+        np.testing.assert_array_equal(features, in_memory.train_features[[0, 7, 3]])
+        np.testing.assert_array_equal(targets, in_memory.train_targets[[0, 7, 3]])
+        np.testing.assert_array_equal(examples.eval.read(np.array([1]))[1], in_memory.eval_targets[[1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+RUN = ("deterministic=true", "model.hidden=[32]", "model.dropout=0.2", "data.global_batch_size=64",
+       "trainer.max_steps=40", "trainer.steps_per_loop=5", "trainer.log_every=10", "trainer.eval_every=20",
+       "checkpoint.every_steps=10", "export.enabled=false", "data.num_classes=4")
+
+
+@pytest.fixture(scope="module")
+def data_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _data_set(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def in_memory_run(tmp_path_factory: pytest.TempPathFactory, data_set: tuple[Path, Path]) -> Path:
+    """The reference: the same examples held in memory (data=npz), 40 steps on one device."""
+    run_dir = tmp_path_factory.mktemp("in_memory") / "run"
+    assert_ok(run_train(run_dir, "data=npz", f"data.path={data_set[0]}", *RUN, tiny=False))
+    return run_dir
+
+
+def _shards_overrides(shards: Path) -> tuple[str, ...]:
+    return ("data=array_record", f"data.path={shards}/*", *RUN)
+
+
+@pytest.mark.slow
+def test_array_record_run_resumes_bit_exactly_and_equals_the_in_memory_run(
+        tmp_path: Path, data_set: tuple[Path, Path], in_memory_run: Path) -> None:
+    run_dir, overrides = tmp_path / "run", _shards_overrides(data_set[1])
+    with BackgroundRun(train_command(run_dir, *overrides, tiny=False), env=subprocess_env()) as run:
+        run.wait_for(r"saved checkpoint ckpt-10\b", timeout=120)
+        run.process.send_signal(signal.SIGKILL)
+        assert run.finish(timeout=30) == -signal.SIGKILL
+    resumed = run_train(run_dir, *overrides, tiny=False)
+    assert_ok(resumed)
+    assert re.search(r"resuming from checkpoint \S+ at step [1-3]0", resumed.stdout + resumed.stderr)
+    assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-40", in_memory_run / "checkpoints" / "ckpt-40") == []
+
+    # Shards that gained records since the checkpoint: refused like any change of what is trained.
+    extra = np.random.default_rng(1).normal(size=(300, WIDTH)).astype(np.float32)
+    write_array_shards(extra, extra[:, :CLASSES].argmax(axis=1), str(tmp_path / "extra"), num_shards=1,
+                       class_ids=True)
+    (tmp_path / "extra" / "data-00000-of-00001.array_record").rename(data_set[1] / "data-extra.array_record")
+    try:
+        before = {path.name: path.read_bytes() for path in (run_dir / "checkpoints").iterdir()}
+        refused = run_train(run_dir, *overrides, "trainer.max_steps=50", tiny=False)
+        assert_ok(refused, code=2)
+        assert "data.records.train: 2160 -> 2430" in refused.stderr and "Traceback" not in refused.stderr
+        assert {path.name: path.read_bytes() for path in (run_dir / "checkpoints").iterdir()} == before
+    finally:
+        (data_set[1] / "data-extra.array_record").unlink()
+
+
+@pytest.mark.slow
+def test_a_run_saved_by_two_workers_resumes_on_one_with_the_same_batches(
+        tmp_path: Path, data_set: tuple[Path, Path], in_memory_run: Path) -> None:
+    """Elastic restart after losing a VM: 2 workers train to step 20, then 1 worker to step 40."""
+    run_dir, overrides = tmp_path / "run", _shards_overrides(data_set[1])
+    gang = [sys.executable, str(PROJECT_ROOT / "scripts" / "launch_local.py"), "--workers", "2", "--",
+            f"run_dir={run_dir}", *overrides, "trainer.max_steps=20", "model.dropout=0.0"]
+    with BackgroundRun(gang, env=subprocess_env(TMPDIR=str(tmp_path))) as workers:
+        assert workers.finish(timeout=240) == 0, workers.tail()
+        assert "multi_worker with 2 replica(s) in sync" in workers.output
+    resumed = run_train(run_dir, *overrides, "model.dropout=0.0", tiny=False)
+    assert_ok(resumed)
+    assert "at step 20" in resumed.stdout + resumed.stderr
+    one_device = tmp_path / "one_device"
+    assert_ok(run_train(one_device, *overrides, "model.dropout=0.0", tiny=False))
+    ours, theirs = (checkpoint_values(run / "checkpoints" / "ckpt-40") for run in (run_dir, one_device))
+    for name in theirs:  # the same batches; only the order of float additions in the all-reduce differs
+        np.testing.assert_allclose(np.asarray(ours[name], np.float64), np.asarray(theirs[name], np.float64),
+                                   atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_record_that_goes_bad_mid_run_exits_2_naming_it_checkpoints_untouched(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(9000, 64)).astype(np.float32)  # incompressible: a record's bytes are findable
+    labels = features[:, :CLASSES].argmax(axis=1)
+    write_array_shards(features, labels, str(tmp_path / "shards"), num_shards=2, class_ids=True)
+    eval_rows = set(np.random.default_rng(0).permutation(9000)[:450].tolist())  # data.eval_fraction=0.05
+    bad = next(index for index in range(8000, 9000) if index not in eval_rows)  # a train record past the sample
+    victim = tmp_path / "shards" / "data-00001-of-00002.array_record"  # records 4500..8999
+    content = bytearray(victim.read_bytes())
+    offset = content.find(features[bad].tobytes())
+    assert offset > 0
+    content[offset + 100] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, "data=array_record", f"data.path={tmp_path / 'shards'}/*", "data.eval_fraction=0.05",
+                       *RUN[:-1], "trainer.max_steps=400", tiny=False)
+    assert_ok(result, code=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(rf"Record {bad} \(record {bad - 4500} of shard '{re.escape(str(victim))}', data.path\) cannot "
+                     "be read",
+                     errors[0]), errors[0]
+    saved = sorted(int(path.stem.split("-")[1]) for path in (run_dir / "checkpoints").glob("ckpt-*.index"))
+    assert saved and max(saved) < 400, saved  # what was saved before the bad record stays; nothing after
+    for step in saved:  # every checkpoint left is intact
+        checkpoint_values(run_dir / "checkpoints" / f"ckpt-{step}")
