@@ -65,19 +65,19 @@ def _with_failure(mode: str, **mlp_arguments: object) -> keras.Model:
     return keras.Model(mlp.input, logits, name="mlp")
 
 
-def build_mlp_nan_on_marker(*, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128),
+def build_mlp_nan_on_marker(*, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 128),
                             dropout: float = 0.0, activation: str = "relu", seed: int = 0) -> keras.Model:
-    return _with_failure("nan", input_shape=input_shape, num_classes=num_classes, hidden=hidden, dropout=dropout,
+    return _with_failure("nan", input_shape=input_shape, num_outputs=num_outputs, hidden=hidden, dropout=dropout,
                          activation=activation, seed=seed)
 
 
-def build_mlp_crash_on_marker(*, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128),
+def build_mlp_crash_on_marker(*, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 128),
                               dropout: float = 0.0, activation: str = "relu", seed: int = 0) -> keras.Model:
-    return _with_failure("crash", input_shape=input_shape, num_classes=num_classes, hidden=hidden, dropout=dropout,
+    return _with_failure("crash", input_shape=input_shape, num_outputs=num_outputs, hidden=hidden, dropout=dropout,
                          activation=activation, seed=seed)
 
 
-def build_mlp_stall_on_marker(*, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128),
+def build_mlp_stall_on_marker(*, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 128),
                               dropout: float = 0.0, activation: str = "relu", seed: int = 0) -> keras.Model:
-    return _with_failure("stall", input_shape=input_shape, num_classes=num_classes, hidden=hidden, dropout=dropout,
+    return _with_failure("stall", input_shape=input_shape, num_outputs=num_outputs, hidden=hidden, dropout=dropout,
                          activation=activation, seed=seed)
