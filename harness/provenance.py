@@ -40,9 +40,9 @@ FREE_TO_CHANGE = (
     "checkpoint.*", "preemption.*", "export.*", "lease.*", "watchdog.*", "resume.*", "strategy.*",
     "init_from", "init_from_skip", "init_from_name_map",  # warm start applies to fresh runs only
 )
-# Keys added to the schema after checkpoints were written without them: absent there means this value
-# (checkpoints from before tasks existed trained a classification).
-ABSENT_MEANS = {"task._target_": "harness.tasks.classification.Classification", "task.num_classes": None}
+# Groups added to the schema after checkpoints were written without them: absent there means these
+# values (checkpoints from before tasks existed trained a classification).
+ABSENT_MEANS = {"task": {"task._target_": "harness.tasks.classification.Classification", "task.num_classes": None}}
 # Compared only when the checkpoint recorded them: the data set's size (harness/assembly.py).
 COMPARED_WHEN_RECORDED = ("data.records",)
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,8 +100,9 @@ def harness_version() -> str:
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[ConfigChange]:
     """Every leaf key whose value differs between two resolved configs, sorted by key."""
     flat_saved, flat_current = _flatten(saved), _flatten(current)
-    for key, value in ABSENT_MEANS.items():
-        flat_saved.setdefault(key, value)
+    for group, values in ABSENT_MEANS.items():
+        if group not in saved:
+            flat_saved.update(values)
     unrecorded = [pattern for pattern in COMPARED_WHEN_RECORDED if not any(_matches(k, [pattern]) for k in flat_saved)]
     return [ConfigChange(key, flat_saved.get(key, _ABSENT), flat_current.get(key, _ABSENT))
             for key in sorted(flat_saved.keys() | flat_current.keys())

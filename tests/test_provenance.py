@@ -214,3 +214,18 @@ def test_build_provenance_records_config_overrides_and_versions() -> None:
         harness_version(), tf.__version__, keras.__version__)
     assert re.fullmatch(r"3\.\d+\.\d+", record["python"])
     assert from_text(to_text(record)) == record
+
+
+def test_checkpoints_from_before_tasks_and_data_records_resume_as_the_classification_they_were() -> None:
+    from harness.provenance import config_changes
+
+    saved = {"model": {"hidden": [32]}, "data": {"name": "synthetic"}}  # written before the task group existed
+    current = {"model": {"hidden": [32]},
+               "data": {"name": "synthetic", "records": {"train": 2048, "eval": 256}},
+               "task": {"_target_": "harness.tasks.classification.Classification", "num_classes": None}}
+    assert config_changes(saved, current) == []
+    regression = {**current, "task": {"_target_": "harness.tasks.regression.Regression", "loss": "mse"}}
+    assert [change.key for change in config_changes(saved, regression)] == ["task._target_", "task.loss",
+                                                                           "task.num_classes"]
+    recorded = {**current, "data": {"name": "synthetic", "records": {"train": 2000, "eval": 256}}}
+    assert [change.describe() for change in config_changes(recorded, current)] == ["data.records.train: 2000 -> 2048"]

@@ -330,3 +330,20 @@ def test_mirrored_on_two_cpu_replicas_trains_what_one_device_trains(tmp_path: Pa
     metric = METRICS[task]
     single_eval, mirrored_eval = (event_scalars(run / "tensorboard")[f"eval/{metric}"] for run in (single, mirrored))
     assert mirrored_eval[-1][1] == pytest.approx(single_eval[-1][1], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_regression_rolls_back_a_divergence_and_ends_where_an_interrupted_run_ends(tmp_path: Path) -> None:
+    """Rollback knows nothing about tasks: a NaN in a regression's loss is rolled back like any other."""
+    from tests.test_operations import MARKED_STEP, NAN_MODEL, OPERATIONS, write_marked_data
+
+    overrides = (*OPERATIONS, *write_marked_data(tmp_path / "data"), NAN_MODEL, "task=regression")
+    reference = tmp_path / "reference"
+    result = run_train(reference, *overrides, tiny=False)
+    assert_ok(result)
+    assert f"rollback 1 of 3: the loss of step {MARKED_STEP} is nan (NaN)" in result.stdout + result.stderr
+    assert "rmse" in result.stdout + result.stderr
+    interrupted = tmp_path / "interrupted"
+    assert_ok(run_train(interrupted, *overrides, "trainer.max_steps=25", tiny=False))
+    assert_ok(run_train(interrupted, *overrides, tiny=False))
+    assert compare_checkpoints(reference / "checkpoints" / "ckpt-60", interrupted / "checkpoints" / "ckpt-60") == []
