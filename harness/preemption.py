@@ -25,6 +25,7 @@ from types import FrameType, TracebackType
 import tensorflow as tf
 
 from harness.config import parse_signals
+from harness.strategy import num_workers
 
 
 class PreemptionWatcher:
@@ -71,7 +72,7 @@ class StopAgreement:
 
     def __init__(self, strategy: tf.distribute.Strategy) -> None:
         self._strategy = strategy
-        self._multi_worker = getattr(strategy.extended, "_num_workers", 1) > 1  # checked on TF 2.21
+        self._multi_worker = num_workers(strategy) > 1
         if self._multi_worker:
             self._sum = tf.function(self._reduce_sum)
 
