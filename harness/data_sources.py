@@ -33,6 +33,7 @@ from harness.config import (
     TFRecordDataConfig,
 )
 from harness.errors import DataError
+from harness.record_files import ExampleLayout
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,13 @@ def _read_tfrecord(path: str, config: TFRecordDataConfig, *, key: str) -> tuple[
                         f"({_first_line(error)}). Expected {expected}.") from None
     if not first:
         raise DataError(f"Data files '{path}' ({key}) hold no records. Expected {expected}.")
-    spec = _example_spec(first[0], config, path=path, key=key, expected=expected)
+    layout = ExampleLayout.of_record(first[0], features_key=config.features_key, labels_key=config.labels_key,
+                                     where=f"The first record of '{path}' ({key})")
     try:
-        parsed = [tf.io.parse_example(batch, spec) for batch in records.batch(8192)]
+        parsed = [tf.io.parse_example(batch, layout.parsing_spec) for batch in records.batch(8192)]
     except tf.errors.OpError as error:  # a corrupted record, or one whose layout differs from the first
-        layout = ", ".join(f"'{name}': {feature.shape[0] if feature.shape else 1} {feature.dtype.name}"
-                           for name, feature in spec.items())
         raise DataError(f"A record in '{path}' ({key}) cannot be read or differs from the first record "
-                        f"({layout}): {_first_line(error)}. Expected {expected}.") from None
+                        f"({layout.describe()}): {_first_line(error)}. Expected {expected}.") from None
     features = np.concatenate([batch[config.features_key].numpy() for batch in parsed])
     labels = np.concatenate([batch[config.labels_key].numpy() for batch in parsed])
     if config.feature_shape is not None:
@@ -201,41 +201,6 @@ def _read_tfrecord(path: str, config: TFRecordDataConfig, *, key: str) -> tuple[
                             f"{features.shape[1]}: expected a shape whose product is {features.shape[1]}.")
         features = features.reshape((-1, *config.feature_shape))
     return _checked_arrays(features, labels, path=path, key=key, expected=expected)
-
-
-def _example_spec(record: bytes, config: TFRecordDataConfig, *, path: str, key: str,
-                  expected: str) -> dict[str, tf.io.FixedLenFeature]:
-    """The parsing spec of every record, read off the first one."""
-    from google.protobuf.message import DecodeError
-
-    where = f"The first record of '{path}' ({key})"
-    try:
-        example = tf.train.Example.FromString(record)
-    except DecodeError:
-        raise DataError(f"{where} is not a tf.train.Example. Expected {expected}.") from None
-    available = sorted(example.features.feature)
-    for name in (config.features_key, config.labels_key):
-        if name not in example.features.feature:
-            raise DataError(f"{where} has no feature '{name}'; it has {available}. Expected {expected}; set "
-                            "data.features_key / data.labels_key to the names in the file.")
-    feature = example.features.feature[config.features_key]
-    kind = feature.WhichOneof("kind")
-    if kind not in ("float_list", "int64_list"):
-        raise DataError(f"{where}: feature '{config.features_key}' holds {kind or 'nothing'}; expected float or "
-                        f"int64 values (decode images to numbers when writing the records). Expected {expected}.")
-    label = example.features.feature[config.labels_key]
-    label_kind = label.WhichOneof("kind")
-    if label_kind == "int64_list" and len(label.int64_list.value) == 1:
-        label_spec = tf.io.FixedLenFeature([], tf.int64)
-    elif label_kind == "float_list" and len(label.float_list.value) >= 1:
-        count = len(label.float_list.value)
-        label_spec = tf.io.FixedLenFeature([] if count == 1 else [count], tf.float32)
-    else:
-        raise DataError(f"{where}: feature '{config.labels_key}' is neither one int64 class id nor float "
-                        f"targets ({label}). Expected {expected}.")
-    dtype = tf.float32 if kind == "float_list" else tf.int64
-    return {config.features_key: tf.io.FixedLenFeature([len(getattr(feature, kind).value)], dtype),
-            config.labels_key: label_spec}
 
 
 def _checked_arrays(features: np.ndarray, labels: np.ndarray, *, path: str, key: str,
@@ -322,7 +287,10 @@ DEFAULT_CORPUS = "Python's reference documentation (pydoc_data.topics)"
 
 
 def _text_bytes(path: str | None) -> np.ndarray:
-    if path is not None:  # harness/file_sources.py reads files by memmap; this is for tests and tools
+    if path is not None:  # training reads files by memmap (harness/file_sources.py); this loads a small one
+        if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+            raise DataError(f"Config key 'data.path' = '{path}': no such file. Expected a text file (any bytes; each "
+                            "byte is one token), or data.path=null for the default corpus.")
         with tf.io.gfile.GFile(path, "rb") as handle:
             return np.frombuffer(handle.read(), np.uint8)
     from pydoc_data.topics import topics  # English prose shipped with CPython's standard library
