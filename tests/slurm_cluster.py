@@ -25,7 +25,7 @@ from pathlib import Path
 from harness import cluster
 
 NODE_NAME = "harness-node0"
-CRED_EXPIRE_SECONDS = 10  # a requeued job waits this + 1 s (Slurm's default is 120)
+CRED_EXPIRE_SECONDS = 8  # a requeued job waits this + 1 s (Slurm's default is 120)
 SCHED_INTERVAL_SECONDS = 2  # the periodic scheduling pass that starts it then (default 60)
 KILL_WAIT_SECONDS = 30  # between SIGTERM and SIGKILL when a job is cancelled: the save budget
 REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")

@@ -1,15 +1,17 @@
-"""A test model whose every step takes at least `STEP_SECONDS`, so a short run lasts long enough.
+"""A test model whose steps take at least `STEP_SECONDS` while a file exists, so a run lasts long enough.
 
-    python train.py model._target_=tests.slurm_paced_model.build_paced_mlp ...
+    PACE_FILE=/tmp/x/pace python train.py model._target_=tests.slurm_paced_model.build_paced_mlp ...
 
 Slurm's time-limit warning arrives at slurmctld's next time-limit pass, up to 30 s after the job
 entered the warning window: the tests of scripts/slurm_train.sbatch need runs that are still
-training then without burning CPU. The pace is a sleep outside the numerics: the model computes
-exactly what `models.mlp.build_mlp` computes.
+training then, without burning CPU, and that finish quickly once the signal has done its work
+(the test deletes the file). The pace is a sleep outside the numerics: the model computes exactly
+what `models.mlp.build_mlp` computes, paced or not.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -19,11 +21,12 @@ import tensorflow as tf
 from models.mlp import build_mlp
 
 STEP_SECONDS = 0.05
+PACE_FILE_VARIABLE = "PACE_FILE"
 
 
 @keras.saving.register_keras_serializable(package="tests")
 class Pace(keras.layers.Layer):
-    """Passes its input through after sleeping `STEP_SECONDS` (once per forward pass)."""
+    """Passes its input through, after sleeping `STEP_SECONDS` if the pace file exists (every forward pass)."""
 
     def call(self, logits: tf.Tensor) -> tf.Tensor:
         return logits + tf.ensure_shape(tf.py_function(_sleep, [], tf.float32), [])
@@ -33,7 +36,9 @@ class Pace(keras.layers.Layer):
 
 
 def _sleep() -> float:
-    time.sleep(STEP_SECONDS)
+    pace_file = os.environ.get(PACE_FILE_VARIABLE)
+    if pace_file and os.path.exists(pace_file):
+        time.sleep(STEP_SECONDS)
     return 0.0
 
 

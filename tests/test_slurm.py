@@ -24,17 +24,19 @@ from harness.checkpointing import list_checkpoints
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, checkpoint_values, subprocess_env
 from tests.slurm_cluster import SlurmCluster, ensure_installed
+from tests.slurm_paced_model import PACE_FILE_VARIABLE
 
 SLURM_SCRIPT = PROJECT_ROOT / "scripts" / "slurm_train.sbatch"
 LAUNCH_LOCAL = PROJECT_ROOT / "scripts" / "launch_local.py"
 STEPS = 150
-# Interruptible after ckpt-50 (signals are seen every 5 steps), exact, and paced: >= 50 ms a step.
+# Interruptible after ckpt-50 (signals are seen every 5 steps), exact, and paced: >= 50 ms a step
+# while the job's pace file exists.
 RUN = (*TINY, f"trainer.max_steps={STEPS}", "trainer.steps_per_loop=5", "trainer.log_every=25",
        "trainer.eval_every=0", "checkpoint.every_steps=25", "export.enabled=false",
        "strategy.peer_timeout_seconds=10", "deterministic=true", "model.dropout=0.2",
        "model._target_=tests.slurm_paced_model.build_paced_mlp")
-# Still training 30 s after ckpt-50, when the time-limit warning has arrived at the latest.
-TIME_LIMITED_STEPS = 500
+# Paced, still training 30 s after ckpt-50, when the time-limit warning has arrived at the latest.
+TIME_LIMITED_STEPS = 600
 FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY"}
 
 
@@ -49,15 +51,21 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 
 class Job:
-    """One `sbatch` of scripts/slurm_train.sbatch and its output file."""
+    """One `sbatch` of scripts/slurm_train.sbatch, its output file, and its pace file (deleted by `unpace`)."""
 
     def __init__(self, slurm: SlurmCluster, tmp_path: Path, *sbatch_options: str, overrides: tuple[str, ...]) -> None:
-        self.slurm, self.output_file = slurm, tmp_path / "job.out"
-        env = subprocess_env(HARNESS_PYTHON=sys.executable, TMPDIR=str(tmp_path))
+        self.slurm, self.output_file, self.pace_file = slurm, tmp_path / "job.out", tmp_path / "pace"
+        self.pace_file.touch()
+        env = subprocess_env(HARNESS_PYTHON=sys.executable, TMPDIR=str(tmp_path),
+                             **{PACE_FILE_VARIABLE: str(self.pace_file)})
         submitted = slurm.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
                                f"--output={self.output_file}", *sbatch_options, str(SLURM_SCRIPT), *overrides],
                               env=env)
         self.id = int(submitted.stdout.strip().split(";")[0])
+
+    def unpace(self) -> None:
+        """From now on the job trains at full speed."""
+        self.pace_file.unlink(missing_ok=True)
 
     @property
     def output(self) -> str:
@@ -104,7 +112,9 @@ def latest_step(run_dir: Path) -> int:
 
 
 def final_values(run_dir: Path, steps: int = STEPS) -> dict[str, object]:
-    return checkpoint_values(run_dir / "checkpoints" / f"ckpt-{steps}")
+    """The training state in ckpt-`steps`; not TensorFlow's save_counter (a stop adds a save)."""
+    values = checkpoint_values(run_dir / "checkpoints" / f"ckpt-{steps}")
+    return {name: value for name, value in values.items() if not name.startswith("save_counter/")}
 
 
 @pytest.mark.slow
@@ -112,21 +122,22 @@ def test_time_limit_requeues_the_gang_which_ends_bit_identical_to_an_uninterrupt
         slurm: SlurmCluster, tmp_path: Path) -> None:
     run_dir, reference_dir = tmp_path / "run", tmp_path / "reference"
     overrides = (*RUN, f"trainer.max_steps={TIME_LIMITED_STEPS}")
-    # The reference, meanwhile: the same gang, uninterrupted, started by launch_local.py.
-    with BackgroundRun([sys.executable, str(LAUNCH_LOCAL), "--workers", "2", "--", f"run_dir={reference_dir}",
-                        *overrides], env=subprocess_env(TMPDIR=str(tmp_path))) as reference:
-        job = Job(slurm, tmp_path, "--time=10", "--signal=USR1@60", overrides=(f"run_dir={run_dir}", *overrides))
-        try:
-            job.wait_for_output(r"^0: .*saved checkpoint ckpt-50\b", timeout=120)
-            # Shorten the time limit to one minute: the job is then within 60 s of it, and slurmctld's
-            # next time-limit pass (every 30 s) sends the warning signal, SIGUSR1, to every task.
-            slurm.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=1"])
+    job = Job(slurm, tmp_path, "--time=10", "--signal=USR1@60", overrides=(f"run_dir={run_dir}", *overrides))
+    try:
+        job.wait_for_output(r"^0: .*saved checkpoint ckpt-50\b", timeout=120)
+        # Shorten the time limit to one minute: the job is then within 60 s of it, and slurmctld's
+        # next time-limit pass (every 30 s) sends the warning signal, SIGUSR1, to every task.
+        slurm.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=1"])
+        # Meanwhile, the reference: the same gang, uninterrupted (and unpaced), by launch_local.py.
+        with BackgroundRun([sys.executable, str(LAUNCH_LOCAL), "--workers", "2", "--", f"run_dir={reference_dir}",
+                            *overrides], env=subprocess_env(TMPDIR=str(tmp_path))) as reference:
             job.wait_for_output(r"requeueing job", timeout=60)
+            job.unpace()
             slurm.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=10"])  # the requeued run's
-            fields = job.wait_until_done(timeout=150)
-        finally:
-            job.cancel_if_running()
-        assert reference.finish(timeout=120) == 0, reference.tail()
+            assert reference.finish(timeout=120) == 0, reference.tail()
+        fields = job.wait_until_done(timeout=120)
+    finally:
+        job.cancel_if_running()
     output = job.output
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, output[-5000:])
     stops = task_steps(output, r"stopped at step (\d+) after a stop signal")
@@ -167,6 +178,7 @@ def test_a_worker_killed_by_a_signal_is_requeued_and_the_job_finishes(slurm: Slu
     try:
         job.wait_for_output(r"^0: .*saved checkpoint ckpt-50\b", timeout=120)
         os.kill(job.task_pid(1), signal.SIGKILL)  # what the OOM killer does
+        job.unpace()
         fields = job.wait_until_done(timeout=150)
     finally:
         job.cancel_if_running()
