@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +39,32 @@ RUN = (*TINY, f"trainer.max_steps={STEPS}", "trainer.steps_per_loop=5", "trainer
 # Paced, still training 30 s after ckpt-50, when the time-limit warning has arrived at the latest.
 TIME_LIMITED_STEPS = 600
 FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def sbatch_directives(path: Path) -> dict[str, str]:
+    directives = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH "):].strip().partition("=")
+            directives[key] = value
+    return directives
+
+
+def test_slurm_script_syntax_and_directives() -> None:
+    from harness.config import PreemptionConfig
+
+    assert subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True).returncode == 0
+    directives = sbatch_directives(SLURM_SCRIPT)
+    assert "--requeue" in directives
+    signal_name, _, lead_seconds = directives["--signal"].partition("@")
+    assert signal_name == "USR1" and "SIGUSR1" in PreemptionConfig().signals  # to the tasks, not B: (the shell)
+    hours, minutes, seconds = (int(part) for part in directives["--time"].split(":"))
+    assert 60 <= int(lead_seconds) < (hours * 3600 + minutes * 60 + seconds) / 4
+    assert directives["--ntasks-per-node"] == "1" and int(directives["--nodes"]) >= 2
+    text = SLURM_SCRIPT.read_text()
+    srun_lines = [line for line in text.splitlines() if line.lstrip().startswith("srun ")]
+    assert len(srun_lines) == 1 and "--kill-on-bad-exit=0" in srun_lines[0]
+    assert "train.py strategy=multi_worker" in text and re.search(r"PREEMPTED=42\b", text)
 
 
 @pytest.fixture(scope="session")
@@ -189,3 +216,15 @@ def test_a_worker_killed_by_a_signal_is_requeued_and_the_job_finishes(slurm: Slu
     assert len(resumed[0]) == 1 and resumed[0] == resumed[1] and resumed[0][0] >= 50, resumed
     assert latest_step(run_dir) == STEPS
     assert int(final_values(run_dir)["step/.ATTRIBUTES/VARIABLE_VALUE"]) == STEPS
+
+
+@pytest.mark.slow
+def test_a_config_error_ends_the_job_without_a_requeue(slurm: SlurmCluster, tmp_path: Path) -> None:
+    job = Job(slurm, tmp_path, overrides=(f"run_dir={tmp_path / 'run'}", *RUN, "trainer.max_stepz=5"))
+    try:
+        fields = job.wait_until_done(timeout=120)
+    finally:
+        job.cancel_if_running()
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0" and fields["Restarts"] == "0", \
+        (fields, job.output[-5000:])
+    assert "max_stepz" in job.output and "requeueing" not in job.output
