@@ -160,6 +160,14 @@ class SlurmCluster:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        """Cancel every job still there (their tasks must not outlive the daemons), then stop the daemons."""
+        if self._daemons:
+            queued = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+            if queued:
+                self.run(["scancel", *queued], check=False)
+                _wait_for(lambda: not self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip(),
+                          timeout=KILL_WAIT_SECONDS + 15, what="the cancelled jobs to end",
+                          log=self.root / "slurmctld.log")
         for daemon in reversed(self._daemons):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(daemon.pid, signal.SIGTERM)
