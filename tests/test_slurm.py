@@ -24,7 +24,7 @@ import pytest
 from harness.checkpointing import list_checkpoints
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, checkpoint_values, subprocess_env
-from tests.slurm_cluster import SlurmCluster, ensure_installed
+from tests.slurm_cluster import NODE_NAME, SlurmCluster, ensure_installed
 from tests.slurm_paced_model import PACE_FILE_VARIABLE
 
 SLURM_SCRIPT = PROJECT_ROOT / "scripts" / "slurm_train.sbatch"
@@ -204,7 +204,12 @@ def test_a_worker_killed_by_a_signal_is_requeued_and_the_job_finishes(slurm: Slu
     job = Job(slurm, tmp_path, overrides=(f"run_dir={run_dir}", *RUN))
     try:
         job.wait_for_output(r"^0: .*saved checkpoint ckpt-50\b", timeout=120)
-        os.kill(job.task_pid(1), signal.SIGKILL)  # what the OOM killer does
+        worker = job.task_pid(1)
+        environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+        # The hosts and ports the workers use: the node's NodeAddr, and ports Slurm reserved for the step.
+        assert f"HARNESS_NODE_ADDRESSES={NODE_NAME}=127.0.0.1".encode() in environ
+        assert any(re.fullmatch(rb"SLURM_STEP_RESV_PORTS=\d+-\d+", item) for item in environ), environ
+        os.kill(worker, signal.SIGKILL)  # what the OOM killer does
         job.unpace()
         fields = job.wait_until_done(timeout=150)
     finally:
