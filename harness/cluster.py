@@ -5,7 +5,9 @@ free loopback ports (`scripts/launch_local.py`), for a Kubernetes Indexed Job (p
 the completion index, `scripts/tf_config.py`), or from a Slurm job step's environment
 (`harness/strategy.py`). Guarantees: every worker of one cluster computes the same `cluster`
 section; worker 0 is the chief (it writes checkpoints and summaries, and leads the coordination
-service); no TensorFlow import, so launchers stay light.
+service); Slurm workers are addressed by each node's address where one is given (node names need
+not resolve) on ports Slurm reserved or below the ephemeral range; no TensorFlow import, so
+launchers stay light.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from harness import cluster
 NODE_NAME = "harness-node0"
 CRED_EXPIRE_SECONDS = 8  # a requeued job waits this + 1 s (Slurm's default is 120)
 SCHED_INTERVAL_SECONDS = 2  # the periodic scheduling pass that starts it then (default 60)
-KILL_WAIT_SECONDS = 30  # between SIGTERM and SIGKILL when a job is cancelled: the save budget
+KILL_WAIT_SECONDS = 10  # between SIGTERM and SIGKILL when a job is cancelled: the save budget
 REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")
 
 SLURM_CONF = """\
@@ -56,7 +56,6 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
 MpiParams=ports=12000-12999
-PluginDir=/usr/lib/x86_64-linux-gnu/slurm-wlm
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval={sched_interval}
 SelectType=select/cons_tres
