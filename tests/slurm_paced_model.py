@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from models.mlp import build_mlp
 
-STEP_SECONDS = 0.05
+STEP_SECONDS = 0.1
 PACE_FILE_VARIABLE = "PACE_FILE"
 
 

@@ -30,13 +30,13 @@ from tests.slurm_paced_model import PACE_FILE_VARIABLE
 SLURM_SCRIPT = PROJECT_ROOT / "scripts" / "slurm_train.sbatch"
 LAUNCH_LOCAL = PROJECT_ROOT / "scripts" / "launch_local.py"
 STEPS = 150
-# Interruptible after ckpt-50 (signals are seen every 5 steps), exact, and paced: >= 50 ms a step
+# Interruptible after ckpt-50 (signals are seen every 5 steps), exact, and paced: >= 0.1 s a step
 # while the job's pace file exists.
 RUN = (*TINY, f"trainer.max_steps={STEPS}", "trainer.steps_per_loop=5", "trainer.log_every=25",
        "trainer.eval_every=0", "checkpoint.every_steps=25", "export.enabled=false",
        "strategy.peer_timeout_seconds=10", "deterministic=true", "model.dropout=0.2",
        "model._target_=tests.slurm_paced_model.build_paced_mlp")
-# Paced, still training 30 s after ckpt-50, when the time-limit warning has arrived at the latest.
+# Paced, still training 55 s after ckpt-50: the time-limit warning arrives within 30 s (+ load).
 TIME_LIMITED_STEPS = 600
 FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY"}
 
@@ -149,12 +149,13 @@ def test_time_limit_requeues_the_gang_which_ends_bit_identical_to_an_uninterrupt
         slurm: SlurmCluster, tmp_path: Path) -> None:
     run_dir, reference_dir = tmp_path / "run", tmp_path / "reference"
     overrides = (*RUN, f"trainer.max_steps={TIME_LIMITED_STEPS}")
-    job = Job(slurm, tmp_path, "--time=10", "--signal=USR1@60", overrides=(f"run_dir={run_dir}", *overrides))
+    job = Job(slurm, tmp_path, "--time=10", "--signal=USR1@170", overrides=(f"run_dir={run_dir}", *overrides))
     try:
         job.wait_for_output(r"^0: .*saved checkpoint ckpt-50\b", timeout=120)
-        # Shorten the time limit to one minute: the job is then within 60 s of it, and slurmctld's
-        # next time-limit pass (every 30 s) sends the warning signal, SIGUSR1, to every task.
-        slurm.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=1"])
+        # Shorten the time limit to 3 minutes: the job is then within 170 s of it (it has run for
+        # more than 10 s, and for less than 180 s however slow the machine), and slurmctld's next
+        # time-limit pass (every 30 s) sends the warning signal, SIGUSR1, to every task.
+        slurm.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=3"])
         # Meanwhile, the reference: the same gang, uninterrupted (and unpaced), by launch_local.py.
         with BackgroundRun([sys.executable, str(LAUNCH_LOCAL), "--workers", "2", "--", f"run_dir={reference_dir}",
                             *overrides], env=subprocess_env(TMPDIR=str(tmp_path))) as reference:
