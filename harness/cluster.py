@@ -5,7 +5,9 @@ free loopback ports (`scripts/launch_local.py`), for a Kubernetes Indexed Job (p
 the completion index, `scripts/tf_config.py`), or from a Slurm job step's environment
 (`harness/strategy.py`). Guarantees: every worker of one cluster computes the same `cluster`
 section; worker 0 is the chief (it writes checkpoints and summaries, and leads the coordination
-service); no TensorFlow import, so launchers stay light.
+service); Slurm workers are addressed by each node's address where one is given (node names need
+not resolve) on ports Slurm reserved or below the ephemeral range; no TensorFlow import, so
+launchers stay light.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
-# Slurm: the task with local id `l` on a node listens on `slurm_port_base(job id) + l`. Spreading
-# jobs over 20000..59999 keeps jobs that share a node apart (up to 8 tasks per node each).
-_SLURM_PORT_FIRST, _SLURM_PORT_SLOTS, _SLURM_TASKS_PER_SLOT = 20000, 5000, 8
+# Slurm without reserved ports: the task with local id `l` on a node listens on
+# `slurm_port_base(job id) + l`. Jobs are spread over 20000..32767, below Linux's ephemeral range
+# (32768..60999, where outgoing connections get their local ports), 8 ports (tasks) per node each.
+_SLURM_PORT_FIRST, _SLURM_PORT_END, _SLURM_TASKS_PER_SLOT = 20000, 32768, 8
+_SLURM_PORT_SLOTS = (_SLURM_PORT_END - _SLURM_PORT_FIRST) // _SLURM_TASKS_PER_SLOT
+# Set by scripts/slurm_train.sbatch from each node's NodeAddr, or by the user: "node=address,...".
+NODE_ADDRESSES_VARIABLE = "HARNESS_NODE_ADDRESSES"
 
 
 def free_ports(count: int, *, host: str = "127.0.0.1") -> list[int]:
@@ -81,26 +87,67 @@ def slurm_port_base(job_id: int) -> int:
 def slurm_tf_config(environ: Mapping[str, str]) -> dict[str, Any]:
     """`TF_CONFIG` of this task of a Slurm job step: one worker per task, ranked by `SLURM_PROCID`.
 
-    Tasks are packed onto nodes in node-list order, as Slurm's default block distribution does;
-    the task with local id `l` on a node listens on `slurm_port_base(SLURM_JOB_ID) + l`. GPUs are
-    left to Slurm (`--gpus-per-task`, `--gpu-bind`): this only describes the cluster.
+    Tasks are packed onto nodes in node-list order, as Slurm's default block distribution does.
+    Hosts: each node's address from `HARNESS_NODE_ADDRESSES` ("node=address,..."), else its name.
+    Ports: the task with local id `l` on a node listens on the `l`-th of the step's reserved ports
+    (`srun --resv-ports` where the cluster sets `MpiParams=ports=...`: Slurm guarantees them unused
+    by other steps), else on `slurm_port_base(SLURM_JOB_ID) + l`. GPUs are left to Slurm
+    (`--gpus-per-task`, `--gpu-bind`): this only describes the cluster.
     """
     try:
-        port_base = slurm_port_base(int(environ["SLURM_JOB_ID"]))
+        job_id = int(environ["SLURM_JOB_ID"])
         rank = int(environ["SLURM_PROCID"])
-        hosts = expand_hostlist(environ["SLURM_STEP_NODELIST"])
+        nodes = expand_hostlist(environ["SLURM_STEP_NODELIST"])
         tasks_per_node = expand_tasks_per_node(environ["SLURM_STEP_TASKS_PER_NODE"])
     except KeyError as missing:
         raise ValueError(f"Slurm variable {missing} is not set: run train.py inside a job step (srun)") from None
-    if max(tasks_per_node, default=0) > _SLURM_TASKS_PER_SLOT:
-        raise ValueError(f"SLURM_STEP_TASKS_PER_NODE = {environ['SLURM_STEP_TASKS_PER_NODE']!r}: at most "
-                         f"{_SLURM_TASKS_PER_SLOT} tasks per node are supported (one per GPU)")
-    if len(hosts) != len(tasks_per_node):
-        raise ValueError(f"SLURM_STEP_NODELIST names {len(hosts)} nodes but SLURM_STEP_TASKS_PER_NODE "
+    if len(nodes) != len(tasks_per_node):
+        raise ValueError(f"SLURM_STEP_NODELIST names {len(nodes)} nodes but SLURM_STEP_TASKS_PER_NODE "
                          f"describes {len(tasks_per_node)}")
-    addresses = [f"{host}:{port_base + local_id}" for host, count in zip(hosts, tasks_per_node)
+    ports = _slurm_task_ports(environ, job_id=job_id, tasks_on_busiest_node=max(tasks_per_node, default=0))
+    node_addresses = parse_node_addresses(environ.get(NODE_ADDRESSES_VARIABLE, ""))
+    addresses = [f"{node_addresses.get(node, node)}:{ports[local_id]}" for node, count in zip(nodes, tasks_per_node)
                  for local_id in range(count)]
     return tf_config(addresses, rank)
+
+
+def _slurm_task_ports(environ: Mapping[str, str], *, job_id: int, tasks_on_busiest_node: int) -> list[int]:
+    reserved = environ.get("SLURM_STEP_RESV_PORTS", "").strip()
+    if reserved:
+        ports = expand_port_list(reserved)
+        if len(ports) < tasks_on_busiest_node:
+            raise ValueError(f"SLURM_STEP_RESV_PORTS = {reserved!r} reserves {len(ports)} ports but a node runs "
+                             f"{tasks_on_busiest_node} tasks: use 'srun --resv-ports' without a count")
+        return ports
+    if tasks_on_busiest_node > _SLURM_TASKS_PER_SLOT:
+        raise ValueError(f"SLURM_STEP_TASKS_PER_NODE = {environ['SLURM_STEP_TASKS_PER_NODE']!r}: at most "
+                         f"{_SLURM_TASKS_PER_SLOT} tasks per node are supported without reserved ports "
+                         "(srun --resv-ports with MpiParams=ports=... in slurm.conf)")
+    base = slurm_port_base(job_id)
+    return list(range(base, base + _SLURM_TASKS_PER_SLOT))
+
+
+def parse_node_addresses(spec: str) -> dict[str, str]:
+    """`HARNESS_NODE_ADDRESSES` ("node1=10.0.0.1,node2=10.0.0.2") to {node name: address}."""
+    addresses = {}
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        node, separator, address = entry.partition("=")
+        if not separator or not node.strip() or not address.strip():
+            raise ValueError(f"{NODE_ADDRESSES_VARIABLE} entry {entry!r} is not 'node=address' "
+                             "(e.g. 'gpu01=10.0.0.1,gpu02=10.0.0.2')")
+        addresses[node.strip()] = address.strip()
+    return addresses
+
+
+def expand_port_list(spec: str) -> list[int]:
+    """Slurm's reserved-port list to ports: '12000-12001,12005' -> [12000, 12001, 12005]."""
+    ports = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not match:
+            raise ValueError(f"SLURM_STEP_RESV_PORTS part {part!r} is not 'PORT' or 'FIRST-LAST'")
+        ports.extend(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+    return ports
 
 
 def expand_hostlist(hostlist: str) -> list[str]:

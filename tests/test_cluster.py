@@ -68,7 +68,29 @@ def test_slurm_step_tasks_are_packed_per_node_on_the_jobs_ports() -> None:
     assert all(c["cluster"] == configs[0]["cluster"] for c in configs)
     assert [c["task"]["index"] for c in configs] == [0, 1, 2, 3]
     assert cluster.slurm_port_base(124) - base >= 8, "neighbouring jobs on one node must not share ports"
-    assert 1024 < cluster.slurm_port_base(4999) + 7 < 65536
+    below_ephemeral = range(1024, 32768)  # Linux hands out 32768..60999 to outgoing connections
+    assert all(cluster.slurm_port_base(job) in below_ephemeral and cluster.slurm_port_base(job) + 7 in below_ephemeral
+               for job in range(0, 20000, 7))
+
+
+def test_slurm_reserved_ports_are_used_when_the_step_has_them() -> None:
+    configs = [cluster.slurm_tf_config(slurm_step(rank, SLURM_STEP_RESV_PORTS="12000-12001")) for rank in range(4)]
+    assert configs[3]["cluster"]["worker"] == ["gpu1:12000", "gpu1:12001", "gpu2:12000", "gpu2:12001"]
+    assert cluster.expand_port_list("12000-12002,12007") == [12000, 12001, 12002, 12007]
+    with pytest.raises(ValueError, match="reserves 1 ports but a node runs 2 tasks"):
+        cluster.slurm_tf_config(slurm_step(0, SLURM_STEP_RESV_PORTS="12000"))
+
+
+def test_slurm_node_addresses_replace_node_names() -> None:
+    """Where a node's name is not its address (Slurm's NodeAddr), HARNESS_NODE_ADDRESSES maps them."""
+    config = cluster.slurm_tf_config(slurm_step(0, HARNESS_NODE_ADDRESSES="gpu1=10.0.0.1, gpu2=10.0.0.2,other=x"))
+    base = cluster.slurm_port_base(123)
+    assert config["cluster"]["worker"] == [f"10.0.0.1:{base}", f"10.0.0.1:{base + 1}", f"10.0.0.2:{base}",
+                                           f"10.0.0.2:{base + 1}"]
+    partial = cluster.slurm_tf_config(slurm_step(0, HARNESS_NODE_ADDRESSES="gpu2=10.0.0.2"))
+    assert partial["cluster"]["worker"][0] == f"gpu1:{base}"  # nodes not listed keep their names
+    with pytest.raises(ValueError, match="HARNESS_NODE_ADDRESSES entry 'gpu1' is not 'node=address'"):
+        cluster.slurm_tf_config(slurm_step(0, HARNESS_NODE_ADDRESSES="gpu1"))
 
 
 def test_slurm_outside_a_job_step_is_reported() -> None:

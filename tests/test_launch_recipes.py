@@ -1,9 +1,9 @@
 """The launch recipes in scripts/: syntax, structure, and the environment and behaviour they produce.
 
-Slurm, Kubernetes and systemd are not installed here, so their commands (`srun`, `scontrol`,
-`systemctl`) are small stand-in executables on PATH that record their arguments; `srun` starts
-the tasks locally with the variables a real job step sets. Everything else is real: the scripts
-run under bash, train.py trains as a 2-process cluster, signals are real signals.
+Kubernetes and systemd are not installed here, so their commands (`systemctl`) are small stand-in
+executables on PATH that record their arguments. Everything else is real: the scripts run under
+bash, train.py trains for real, signals are real signals. The Slurm recipe runs on a real Slurm in
+tests/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import random
-import re
 import shutil
 import signal
 import stat
@@ -29,7 +27,6 @@ from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, subprocess_env
 
 SCRIPTS = PROJECT_ROOT / "scripts"
-SLURM_SCRIPT = SCRIPTS / "slurm_train.sbatch"
 K8S_JOB = SCRIPTS / "k8s_job.yaml"
 VM_UNIT = SCRIPTS / "harness-train.service"
 VM_STARTUP = SCRIPTS / "vm_startup.sh"
@@ -56,127 +53,6 @@ def recorder(bin_dir: Path, name: str, log: Path) -> None:
 def bash_syntax_ok(path: Path) -> None:
     result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-# -- Slurm ----------------------------------------------------------------------------------------------
-FAKE_SRUN = '''#!{python}
-"""srun stand-in: FAKE_SRUN_TASKS local tasks of the command, with a job step's variables."""
-import os, subprocess, sys, threading
-
-args = sys.argv[1:]
-options = []
-while args and args[0].startswith("-"):
-    options.append(args.pop(0))
-log = open(os.environ["FAKE_SRUN_LOG"], "a")
-log.write("options " + " ".join(options) + "\\n")
-tasks = int(os.environ.get("FAKE_SRUN_TASKS", "2"))
-processes = []
-for rank in range(tasks):
-    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_STEP_ID="0",
-               SLURM_STEP_NUM_TASKS=str(tasks), SLURM_STEP_NODELIST="localhost",
-               SLURM_STEP_TASKS_PER_NODE=str(tasks))
-    processes.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    log.write(f"task {{rank}} pid {{processes[-1].pid}}\\n")
-log.close()
-
-def label(rank, process):  # like srun --label
-    for line in process.stdout:
-        sys.stdout.write(f"{{rank}}: {{line}}")
-        sys.stdout.flush()
-
-threads = [threading.Thread(target=label, args=item) for item in enumerate(processes)]
-for thread in threads:
-    thread.start()
-codes = [process.wait() for process in processes]
-for thread in threads:
-    thread.join()
-sys.exit(max(128 - code if code < 0 else code for code in codes))  # srun: the highest exit status
-'''
-
-
-def sbatch_directives(path: Path) -> dict[str, str]:
-    directives = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#SBATCH "):
-            key, _, value = line[len("#SBATCH "):].strip().partition("=")
-            directives[key] = value
-    return directives
-
-
-def test_slurm_script_syntax_and_directives() -> None:
-    bash_syntax_ok(SLURM_SCRIPT)
-    directives = sbatch_directives(SLURM_SCRIPT)
-    assert "--requeue" in directives
-    signal_name, _, lead_seconds = directives["--signal"].partition("@")
-    assert signal_name == "USR1" and "SIGUSR1" in _preemption_signals()  # train.py saves on it by default
-    hours, minutes, seconds = (int(part) for part in directives["--time"].split(":"))
-    assert 60 <= int(lead_seconds) < (hours * 3600 + minutes * 60 + seconds) / 4
-    assert directives["--ntasks-per-node"] == "1"
-    assert int(directives["--nodes"]) >= 2
-    srun_lines = [line for line in SLURM_SCRIPT.read_text().splitlines() if line.lstrip().startswith("srun ")]
-    assert len(srun_lines) == 1 and "--kill-on-bad-exit=0" in srun_lines[0]
-    assert "train.py strategy=multi_worker" in SLURM_SCRIPT.read_text()
-    assert re.search(rf'PREEMPTED={PREEMPTED}\b', SLURM_SCRIPT.read_text())
-
-
-def _preemption_signals() -> list[str]:
-    from harness.config import PreemptionConfig
-
-    return PreemptionConfig().signals
-
-
-def slurm_environment(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
-    """Environment of the batch script in a job, with `srun` and `scontrol` stand-ins on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    srun_log, scontrol_log = tmp_path / "srun.log", tmp_path / "scontrol.log"
-    write_executable(bin_dir / "srun", FAKE_SRUN.format(python=sys.executable))
-    recorder(bin_dir, "scontrol", scontrol_log)
-    python_dir = Path(sys.executable).parent
-    env = subprocess_env(PATH=f"{bin_dir}:{python_dir}:{os.environ['PATH']}", FAKE_SRUN_LOG=str(srun_log),
-                         FAKE_SRUN_TASKS="2", SLURM_JOB_ID=str(random.randrange(1, 5000)),
-                         SLURM_JOB_NAME="harness-test", SLURM_SUBMIT_DIR=str(PROJECT_ROOT))
-    return env, srun_log, scontrol_log
-
-
-@pytest.mark.slow
-def test_slurm_script_requeues_after_usr1_and_the_requeued_job_resumes(tmp_path: Path) -> None:
-    env, srun_log, scontrol_log = slurm_environment(tmp_path)
-    run_dir = tmp_path / "run"
-    command = ["bash", str(SLURM_SCRIPT), f"run_dir={run_dir}", *SHORT_RUN]
-    with BackgroundRun(command, env=env) as job:
-        job.wait_for(r"^0: .*saved checkpoint ckpt-50\b", timeout=150)
-        for pid in re.findall(r"^task \d+ pid (\d+)$", srun_log.read_text(), re.MULTILINE):
-            os.kill(int(pid), signal.SIGUSR1)  # what --signal=USR1@N does before the time limit
-        assert job.finish(timeout=60) == 0, job.tail()
-        output = job.output
-    stops = {rank: re.findall(rf"^{rank}: .*stopped at step (\d+)", output, re.MULTILINE) for rank in (0, 1)}
-    assert len(stops[0]) == 1 and stops[0] == stops[1], f"tasks stopped at {stops}"
-    assert scontrol_log.read_text().split() == ["requeue", env["SLURM_JOB_ID"]]
-    for rank in (0, 1):  # the cluster came from the job step: worker <rank> of 2 on this job's ports
-        assert re.search(rf"^{rank}: .*multi_worker with 2 replica\(s\) in sync, this process is worker{rank}",
-                         output, re.MULTILINE), output[-4000:]
-    options = srun_log.read_text().splitlines()[0].split()[1:]
-    assert "--kill-on-bad-exit=0" in options
-
-    scontrol_log.unlink()
-    srun_log.unlink()
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert re.search(rf"^0: .*resuming from checkpoint \S+ at step {stops[0][0]}\b", result.stdout, re.MULTILINE)
-    assert not scontrol_log.exists(), "a finished job must not be requeued"
-    assert list_checkpoints(str(run_dir / "checkpoints"))[0][0] == 150
-
-
-@pytest.mark.slow
-def test_slurm_script_does_not_requeue_a_config_error(tmp_path: Path) -> None:
-    env, _, scontrol_log = slurm_environment(tmp_path)
-    result = subprocess.run(["bash", str(SLURM_SCRIPT), f"run_dir={tmp_path / 'run'}", *SHORT_RUN,
-                             "data.global_batch_size=63"], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "is not divisible by the 2 replicas" in result.stdout
-    assert not scontrol_log.exists()
 
 
 # -- Kubernetes -------------------------------------------------------------------------------------------
