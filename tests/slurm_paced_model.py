@@ -42,8 +42,8 @@ def _sleep() -> float:
     return 0.0
 
 
-def build_paced_mlp(*, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128),
+def build_paced_mlp(*, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (128, 128),
                     dropout: float = 0.0, activation: str = "relu", seed: int = 0) -> keras.Model:
-    mlp = build_mlp(input_shape=input_shape, num_classes=num_classes, hidden=hidden, dropout=dropout,
+    mlp = build_mlp(input_shape=input_shape, num_outputs=num_outputs, hidden=hidden, dropout=dropout,
                     activation=activation, seed=seed)
     return keras.Model(mlp.input, Pace(name="pace")(mlp.output), name="mlp")
