@@ -133,8 +133,7 @@ class SeekableInput:
             step = start_step + element // local_replicas
             replica = context.input_pipeline_id * local_replicas + element % local_replicas
             if self.from_files:
-                first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
-                indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
+                indices = self.replica_train_indices(step=step, replica=replica, per_replica=per_replica)
                 return self._file_batch(self.examples.train, indices, tf.ones([per_replica], tf.float32))
             return self.replica_train_batch(features, targets, step=step, replica=replica, per_replica=per_replica)
 
@@ -168,9 +167,13 @@ class SeekableInput:
     def replica_train_batch(self, features: tf.Tensor, targets: tf.Tensor, *, step: tf.Tensor, replica: tf.Tensor,
                             per_replica: int) -> Batch:
         """Replica `replica`'s share of global step `step`, gathered from the training arrays (pure TF)."""
-        first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
-        indices = self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
+        indices = self.replica_train_indices(step=step, replica=replica, per_replica=per_replica)
         return Batch(tf.gather(features, indices), tf.gather(targets, indices), tf.ones([per_replica], tf.float32))
+
+    def replica_train_indices(self, *, step: tf.Tensor, replica: tf.Tensor, per_replica: int) -> tf.Tensor:
+        """Training-set indices of replica `replica`'s share of global step `step`."""
+        first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
+        return self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
 
     def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
         """An iterator of per-replica train batches starting at global step `start_step`.
