@@ -314,10 +314,11 @@ def cached_fraction(files: Sequence[str]) -> float:
     return resident / max(total, 1)
 
 
-def harness_read_rate(data_set: DataSet, *, seconds: float, threads: int = 4) -> tuple[float, int]:
-    """(MB/s of records, records read) of `RecordShards.read` (read + parse, as training reads) over
-    distinct records in random order, batches of GLOBAL_BATCH_SIZE from `threads` threads (tf.data's
-    map calls run this way), cold: evicted after opening, for about `seconds` or until all are read."""
+def harness_read_rate(data_set: DataSet, *, seconds: float, threads: int = 4) -> tuple[float, int, float]:
+    """(MB/s of records, records read, share of pages still cached after evicting) of
+    `RecordShards.read` (read + parse, as training reads) over distinct records in random order,
+    batches of GLOBAL_BATCH_SIZE from `threads` threads (tf.data's map calls run this way), cold:
+    evicted after opening, for about `seconds` or until all are read."""
     import numpy as np
 
     from harness.record_files import RecordShards
@@ -341,12 +342,13 @@ def harness_read_rate(data_set: DataSet, *, seconds: float, threads: int = 4) ->
             return done
 
         evict(files)  # after opening: the shard indexes are in memory, as in a training run
+        left = cached_fraction(files)
         started = time.perf_counter()
         deadline = started + seconds
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             records = sum(pool.map(lambda _: reader(), range(threads)))
         elapsed = time.perf_counter() - started
-    return records * bytes_per_record / elapsed / 1e6, records
+    return records * bytes_per_record / elapsed / 1e6, records, left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,11 +411,14 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
                 [peer.data_set.npz_path] if "npz" in peer.name else peer.data_set.array_record_files)
             if cached_fraction(files) < 0.99:
                 cat_seconds(files)  # warm: this comparison is from the page cache
-            cached[peer.name].append(cached_fraction(files))
+            before = cached_fraction(files)
             result = run_measured(peer.command, os.path.join(runs_dir, f"{len(peer.results)}-{peers.index(peer)}"))
+            after = cached_fraction(files)  # other processes' memory pressure can evict pages mid-run
+            cached[peer.name].append(min(before, after))
             peer.results.append(result)
             print(f"repeat {repeat + 1}/{repeats} {peer.name}: {result.steps_per_second:.1f} steps/s, "
-                  f"peak RSS {result.peak_rss_mb:.0f} MB, {result.wall_seconds:.1f}s", file=sys.stderr, flush=True)
+                  f"peak RSS {result.peak_rss_mb:.0f} MB, {result.wall_seconds:.1f}s, page cache {100 * before:.0f} % "
+                  f"before, {100 * after:.0f} % after", file=sys.stderr, flush=True)
     load_after_training = os.getloadavg()[0]
     memory, array_small, array_large, tfrecord_small, tfrecord_large = peers
 
@@ -423,7 +428,7 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
     lines += [f"### Steps/s and peak RSS ({repeats} interleaved repeats, {steps} steps each; steps/s is the median of "
               f"the {steps // 100 - WARMUP_WINDOWS} 100-step windows after the first)", "",
               "| peer | steps/s: median | min | max | vs in memory (median of ratios) | peak RSS MB: median | max "
-              "| data in page cache |",
+              "| data in page cache (min before/after a run, min over runs) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for peer in peers:
         rates = [result.steps_per_second for result in peer.results]
@@ -451,18 +456,22 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
 
     cold: dict[str, list[float]] = {}
     cold_records: dict[str, list[int]] = {}
+    still_cached: list[float] = []
     for _ in range(repeats):
         tasks = [(data_set, kind) for data_set in (small, large) for kind in ("harness", "cat")]
         for data_set, kind in random.sample(tasks, len(tasks)):
             key = f"{kind} {data_set.name}"
             if kind == "harness":
-                rate, records = harness_read_rate(data_set, seconds=cold_seconds)
+                rate, records, left = harness_read_rate(data_set, seconds=cold_seconds)
                 cold_records.setdefault(key, []).append(records)
             else:
                 evict(data_set.array_record_files)
+                left = cached_fraction(data_set.array_record_files)
                 rate = data_set.megabytes(data_set.array_record_files) / cat_seconds(data_set.array_record_files)
             cold.setdefault(key, []).append(rate)
-            print(f"cold {key}: {rate:.1f} MB/s", file=sys.stderr, flush=True)
+            still_cached.append(left)
+            print(f"cold {key}: {rate:.1f} MB/s ({100 * left:.1f} % of the pages still cached after evicting)",
+                  file=sys.stderr, flush=True)
     lines += [f"### Cold-cache reads of the ArrayRecord shards ({repeats} interleaved repeats; pages evicted with "
               "posix_fadvise(DONTNEED) before each)", "",
               "| data set | harness `RecordShards.read`, random order, 4 threads x 256 records: MB/s | records read "
@@ -471,6 +480,9 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
         harness, raw = cold[f"harness {data_set.name}"], cold[f"cat {data_set.name}"]
         lines.append(f"| {label} | {_median(harness):.1f} | {int(_median(cold_records[f'harness {data_set.name}']))} | "
                      f"{_median(raw):.1f} | {_median([h / c for h, c in zip(harness, raw)]):.3f} |")
+    lines += ["", f"After evicting, at most {100 * max(still_cached):.1f} % of a data set's pages were still in this "
+              "machine's page cache (fincore). A virtual disk may still be cached by the host, so `cat` can read "
+              "faster than the device."]
     lines += ["", "### Targets", "",
               f"- Peak RSS of the {large_label} run below 1.5 GB: {rss_large:.0f} MB (max over repeats): "
               f"**{'met' if rss_large < 1536 else 'not met'}**.",

@@ -195,6 +195,11 @@ def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path
     assert_ok(resumed)
     assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
     assert compare_checkpoints(_final(killed, overrides), _final(reference, overrides)) == []
+    # TensorBoard: each logged step once, with the uninterrupted run's value (the killed process's
+    # points after its checkpoint are dropped by the restart marker).
+    curves, expected_curves = event_scalars(killed / "tensorboard"), scalars
+    for tag in ("train/loss", f"train/{METRICS[task]}", f"eval/{METRICS[task]}"):
+        assert curves[tag] == pytest.approx(expected_curves[tag], abs=1e-6), tag
 
     loaded = inference.load(str(reference))
     run = config.to_typed_config(compose(*overrides, f"run_dir={reference}", tiny=False))
@@ -229,6 +234,10 @@ def test_regression_reaches_r2_of_0_4_and_predict_prints_values_in_target_units(
                           cwd=PROJECT_ROOT, timeout=120)
     assert_ok(diff)
     assert "resume with this config (train.py): would restore" in diff.stdout, diff.stdout
+    warm = run_train(tmp_path / "warm", "task=regression", f"init_from={run_dir}", "trainer.max_steps=10",
+                     "trainer.steps_per_loop=10", "checkpoint.every_steps=10", "export.enabled=false", tiny=False)
+    assert_ok(warm)
+    assert "restored 4 of 4 model variables (optimizer fresh, step 0)" in warm.stdout + warm.stderr
 
 
 @pytest.mark.slow
