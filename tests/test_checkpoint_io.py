@@ -1,0 +1,86 @@
+"""How checkpoints reach the disk: fsynced before they count, written once per job (the chief's).
+
+In-process with small real states; the GB-scale figures are `scripts/benchmark.py --sections checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import pytest
+import tensorflow as tf
+
+from harness import checkpointing
+from harness.checkpointing import Checkpointer, collective_read_variables
+from harness.state import TrainState, create_train_state
+
+
+def small_state() -> TrainState:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
+    return create_train_state(model, keras.optimizers.Adam())
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
+    """Every fsync the checkpointing module makes: (path, the checkpoint recorded as latest at that moment)."""
+    calls: list[tuple[str, str | None]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        calls.append((path, tf.train.latest_checkpoint(directory)))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(checkpointing.os, "fsync", recording_fsync)
+    return calls
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_every_file_is_fsynced_before_the_checkpoint_is_recorded_as_latest(
+        tmp_path: Path, fsyncs: list[tuple[str, str | None]], async_save: bool) -> None:
+    state = small_state()
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(state, directory=str(directory), max_to_keep=2, keep_every_hours=None,
+                                async_save=async_save, is_chief=True)
+    for step in (10, 20):
+        state.step.assign(step)
+        checkpointer.save(step)
+        checkpointer.wait()
+        prefix = str(directory / f"ckpt-{step}")
+        synced = {path for path, _ in fsyncs}
+        assert {f"{prefix}.index", f"{prefix}.data-00000-of-00001", str(directory)} <= synced
+        recorded_while_syncing = {latest for path, latest in fsyncs if path.startswith(prefix)}
+        assert prefix not in recorded_while_syncing, "recorded as latest before it was on disk"
+        assert tf.train.latest_checkpoint(str(directory)) == prefix
+        fsyncs.clear()
+
+
+def test_a_non_chief_writes_nothing_when_every_variable_is_mirrored(
+        tmp_path: Path, fsyncs: list[tuple[str, str | None]], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    state = small_state()
+    checkpointer = Checkpointer(state, directory=str(tmp_path / "checkpoints"), max_to_keep=2, keep_every_hours=None,
+                                async_save=False, is_chief=False)
+    for step in (10, 20):
+        state.step.assign(step)
+        checkpointer.save(step)
+    assert fsyncs == [], "a non-chief wrote a checkpoint"
+    assert not list(tmpdir.iterdir()) and not (tmp_path / "checkpoints").exists()
+
+
+def test_sync_on_read_variables_are_the_ones_that_need_every_worker() -> None:
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        mirrored = tf.Variable(1.0)
+        summed = tf.Variable(0.0, synchronization=tf.VariableSynchronization.ON_READ,
+                             aggregation=tf.VariableAggregation.SUM)
+    plain = tf.Variable(2.0)
+    tree = {"model": {"dense": {"kernel": mirrored}}, "metrics": {"total": summed}, "step": plain}
+    assert collective_read_variables(tree) == ["metrics/total"]
+    assert collective_read_variables(checkpointing.backing_variables(small_state().checkpoint_items())) == []
