@@ -31,7 +31,8 @@ def train(cfg: DictConfig):
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
-    from harness import attempt, checkpointing, controller, data, data_sources, loop, modeling, optimization  # noqa: I001
+    from harness import attempt, checkpoint_pacing, checkpointing, controller, data, data_sources, loop, modeling  # noqa: I001
+    from harness import optimization
     from harness import export, preemption, progress, run_dir, runtime, state, strategy, summaries, warm_start
     from harness import watchdog
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
@@ -76,7 +77,8 @@ def train(cfg: DictConfig):
             tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())
             outcome = controller.Controller(
                 strategy=dist, state=train_state, pipeline=pipeline, train_loop=train_loop, eval_loop=eval_loop,
-                checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,
+                checkpointer=checkpointer, save_pacer=checkpoint_pacing.SavePacer.from_config(
+                    run.checkpoint, start_step=start_step or 0), summaries=tensorboard,
                 progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
                                            max_steps=run.trainer.max_steps, enabled=is_chief),
                 watcher=watcher, trainer=run.trainer, watchdog=hang_watchdog, attempt=this_attempt,
