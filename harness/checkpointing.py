@@ -143,6 +143,15 @@ def _display_name(key: str) -> str:
     return key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) else key
 
 
+def bytes_written_by_this_process() -> int | None:
+    """Bytes this process has passed to write calls so far (`wchar` of /proc/self/io), None elsewhere."""
+    try:
+        with open("/proc/self/io") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def collective_read_variables(tree: dict[str, object]) -> list[str]:
     """Names of the variables in a checkpoint tree whose saved value is read with a collective.
 
@@ -212,6 +221,8 @@ class Checkpointer:
         self.consecutive_failures = 0
         self.total_failures = 0  # failed write attempts in this process, for TensorBoard
         self._last_saved_step: int | None = None
+        # Bytes this process wrote during the last save (None: written in the background, or unknown).
+        self.last_save_bytes_written: int | None = None
         self._step_existed = False  # whether the checkpoint being written existed before
         self._pending_step: int | None = None  # an async save whose background write is unconfirmed
         self._pending_existed = False
@@ -396,6 +407,16 @@ class Checkpointer:
         """
         started = time.perf_counter()
         self._confirm_pending_write()  # TensorFlow would wait for it anyway before the next write
+        written_before = bytes_written_by_this_process()
+        try:
+            return self._save(step, started)
+        finally:
+            written_after = bytes_written_by_this_process()
+            in_background = self._save_in_background and self.is_chief
+            known = written_before is not None and written_after is not None
+            self.last_save_bytes_written = written_after - written_before if known and not in_background else None
+
+    def _save(self, step: int, started: float) -> float:
         while True:
             if self.before_write is not None:
                 self.before_write()

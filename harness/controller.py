@@ -287,4 +287,6 @@ class Controller:
         if self.checkpointer.total_failures > failures_before:
             self.summaries.scalars(step, {"faults/checkpoint_write_failures": self.checkpointer.total_failures})
         self.attempt.accounting.progress(step)
-        self.progress.message(f"saved checkpoint ckpt-{step} ({blocked:.2f}s)")
+        written = self.checkpointer.last_save_bytes_written
+        self.progress.message(f"saved checkpoint ckpt-{step} ({blocked:.2f}s"
+                              + (f", {written / 1e6:.1f} MB written by this process)" if written is not None else ")"))

@@ -56,6 +56,9 @@ def test_every_file_is_fsynced_before_the_checkpoint_is_recorded_as_latest(
         recorded_while_syncing = {latest for path, latest in fsyncs if path.startswith(prefix)}
         assert prefix not in recorded_while_syncing, "recorded as latest before it was on disk"
         assert tf.train.latest_checkpoint(str(directory)) == prefix
+        if not async_save:  # what the controller's "saved checkpoint" line reports
+            files = (directory / f"ckpt-{step}.index", directory / f"ckpt-{step}.data-00000-of-00001")
+            assert checkpointer.last_save_bytes_written >= sum(path.stat().st_size for path in files)
         fsyncs.clear()
 
 
@@ -71,6 +74,7 @@ def test_a_non_chief_writes_nothing_when_every_variable_is_mirrored(
         state.step.assign(step)
         checkpointer.save(step)
     assert fsyncs == [], "a non-chief wrote a checkpoint"
+    assert checkpointer.last_save_bytes_written == 0
     assert not list(tmpdir.iterdir()) and not (tmp_path / "checkpoints").exists()
 
 
