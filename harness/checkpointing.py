@@ -395,9 +395,37 @@ class Checkpointer:
         # Created lazily: constructing it reads (and may rewrite) the state file, which must not
         # happen before a successful restore.
         if self._manager is None:
+            if self.is_chief:
+                self._record_unrecorded_checkpoints()
             self._manager = tf.train.CheckpointManager(
                 self._checkpoint, self._write_directory, checkpoint_name=CHECKPOINT_NAME, **self._manager_settings)
         return self._manager
+
+    def _record_unrecorded_checkpoints(self) -> None:
+        """Add to the manager's state file the complete checkpoints newer than the latest it records.
+
+        A kill after a checkpoint was written and fsynced but before the manager recorded it leaves
+        a complete checkpoint (a restart may have resumed from it) that the manager would never
+        delete; recorded, `max_to_keep` applies to it as to the others. Older unrecorded ones are
+        left alone: `keep_every_hours` keeps checkpoints that way on purpose.
+        """
+        state = tf.train.get_checkpoint_state(self.directory)
+        recorded = list(state.all_model_checkpoint_paths) if state else []
+        recorded_steps = [int(m.group(1)) for m in (_STEP_PATTERN.match(_name(p) + ".index") for p in recorded) if m]
+        newest_recorded = max(recorded_steps, default=-1)
+        unrecorded = sorted((step, path) for step, path in list_checkpoints(self.directory) if step > newest_recorded)
+        if not unrecorded:
+            return
+        timestamps = list(state.all_model_checkpoint_timestamps) if state else []
+        if len(timestamps) != len(recorded):
+            timestamps = [time.time()] * len(recorded)
+        paths = recorded + [path for _, path in unrecorded]
+        timestamps += [tf.io.gfile.stat(f"{path}.index").mtime_nsec / 1e9 for _, path in unrecorded]
+        log.info("recording %s as checkpoints of this directory: written completely before a kill that came before "
+                 "TensorFlow recorded them", ", ".join(_name(path) for _, path in unrecorded))
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, paths[-1], all_model_checkpoint_paths=paths, all_model_checkpoint_timestamps=timestamps,
+            last_preserved_timestamp=state.last_preserved_timestamp if state else None)
 
     def save(self, step: int) -> float:
         """Save the state as `ckpt-<step>`; return the seconds training was blocked by the save.

@@ -19,7 +19,7 @@ from harness.state import TrainState, create_train_state
 
 
 def small_state() -> TrainState:
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")], name="net")
     return create_train_state(model, keras.optimizers.Adam())
 
 
@@ -88,3 +88,30 @@ def test_sync_on_read_variables_are_the_ones_that_need_every_worker() -> None:
     tree = {"model": {"dense": {"kernel": mirrored}}, "metrics": {"total": summed}, "step": plain}
     assert collective_read_variables(tree) == ["metrics/total"]
     assert collective_read_variables(checkpointing.backing_variables(small_state().checkpoint_items())) == []
+
+
+@pytest.mark.parametrize("recorded_before", [True, False])
+def test_a_checkpoint_killed_before_it_was_recorded_is_restored_then_rotated_like_the_others(
+        tmp_path: Path, recorded_before: bool) -> None:
+    """A kill between the fsync and the manager's record leaves a complete ckpt-11 that the state file
+    does not list: the next run resumes from it, and max_to_keep deletes it in turn."""
+    directory = tmp_path / "checkpoints"
+    state = small_state()
+    writer = Checkpointer(state, directory=str(directory), max_to_keep=1, keep_every_hours=None, async_save=False,
+                          is_chief=True)
+    if recorded_before:
+        state.step.assign(10)
+        writer.save(10)
+    state.step.assign(11)
+    writer._checkpoint.write(str(directory / "ckpt-11"))  # written (as a save writes it), never recorded
+    assert tf.train.latest_checkpoint(str(directory)) == (str(directory / "ckpt-10") if recorded_before else None)
+
+    successor_state = small_state()
+    successor = Checkpointer(successor_state, directory=str(directory), max_to_keep=1, keep_every_hours=None,
+                             async_save=False, is_chief=True)
+    assert successor.restore_latest().step == 11
+    for step in (12, 13):
+        successor_state.step.assign(step)
+        successor.save(step)
+    assert sorted(p.name for p in directory.iterdir()) == ["checkpoint", "ckpt-13.data-00000-of-00001",
+                                                          "ckpt-13.index"]
