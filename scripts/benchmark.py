@@ -159,6 +159,10 @@ def checkpoint_io(args: argparse.Namespace, work_dir: str) -> None:
     results = bench.measure_checkpoint_io(args.state_gb, repeats=args.repeats, work_dir=work_dir)
     print(f"\n## Checkpoint I/O at scale: MLP 784-w-w-10 + Adam, {args.repeats} interleaved repeats per figure, "
           f"checkpoint files and raw I/O in {work_dir}\n")
+    print_checkpoint_table(results)
+
+
+def print_checkpoint_table(results: list[dict]) -> None:
     print("Ratios are medians of per-repeat ratios (harness / raw I/O of the same bytes, same filesystem, same "
           "repeat). Peak RSS added: VmHWM while saving and training on - the peak of training without saving, "
           "over the state's size.\n")
