@@ -31,8 +31,8 @@ def train(cfg: DictConfig):
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
-    from harness import assembly, attempt, checkpointing, controller, data, export, loop, preemption  # noqa: I001
-    from harness import progress, run_dir, runtime, strategy, summaries, warm_start, watchdog
+    from harness import assembly, attempt, checkpoint_pacing, checkpointing, controller, data, export  # noqa: I001
+    from harness import loop, preemption, progress, run_dir, runtime, strategy, summaries, warm_start, watchdog
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
@@ -74,8 +74,9 @@ def train(cfg: DictConfig):
             tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())
             outcome = controller.Controller(
                 strategy=dist, task=task, state=train_state, pipeline=pipeline, train_loop=train_loop,
-                eval_loop=eval_loop,
-                checkpointer=checkpointer, checkpoint_every=run.checkpoint.every_steps, summaries=tensorboard,
+                eval_loop=eval_loop, checkpointer=checkpointer,
+                save_pacer=checkpoint_pacing.SavePacer.from_config(run.checkpoint, start_step=start_step or 0),
+                summaries=tensorboard,
                 progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
                                            max_steps=run.trainer.max_steps, enabled=is_chief),
                 watcher=watcher, trainer=run.trainer, watchdog=hang_watchdog, attempt=this_attempt,

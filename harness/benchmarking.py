@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import logging
 import math
 import os
@@ -550,3 +551,181 @@ def extra_imports(work_dir: str, top: int = 8) -> list[tuple[str, float]]:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint I/O at scale: the harness's save and restore against raw I/O of the same bytes
+# ---------------------------------------------------------------------------------------------
+def hidden_width_for(state_gigabytes: float, input_dim: int = 784) -> int:
+    """The width w of an MLP input_dim-w-w-10 whose weights + Adam slots (float32) take this many GB."""
+    parameters = state_gigabytes * 1e9 / 12
+    b = input_dim + 10 + 3  # w^2 + (input_dim + 10 + 2 biases + 1) w + 10 ~ parameters
+    return int((-b + math.sqrt(b * b + 4 * parameters)) / 2)
+
+
+def _memory_kib(field_name: str) -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field_name + ":"))
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def drop_page_cache(paths: Sequence[str]) -> str:
+    """Cold cache: every clean page of the machine if root may (`drop_caches`), else these files' pages."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3")
+        return "drop_caches"
+    except OSError:
+        drop_from_page_cache(paths)
+        return "posix_fadvise(DONTNEED)"
+
+
+def raw_write_seconds(path: str, num_bytes: int) -> float:
+    """Write `num_bytes` to a new file with large writes, fsync it and its directory; the file is removed."""
+    block = bytearray(os.urandom(1 << 20)) * 64  # 64 MB, incompressible
+    view = memoryview(block)
+    started = time.perf_counter()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        remaining = num_bytes
+        while remaining > 0:
+            remaining -= os.write(descriptor, view[: min(remaining, len(view))])
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    directory = os.open(os.path.dirname(path), os.O_RDONLY)
+    os.fsync(directory)
+    os.close(directory)
+    seconds = time.perf_counter() - started
+    os.remove(path)
+    return seconds
+
+
+def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work_dir: str,
+                        seed: int = 0) -> dict[str, Any]:
+    """Runs in a fresh process (one per size and mode, so peak RSS starts clean): builds an MLP + Adam
+    state of about `state_gigabytes`, then per repeat, in a random order, the harness's operation and
+    raw I/O of the same bytes on the same filesystem.
+
+    mode "sync": `Checkpointer.save` (blocked = written and durable) vs write + fsync; restore warm
+    and cold (`restore_latest`: first read to every variable assigned and checked) vs reading the
+    checkpoint's files. mode "async": the time training is blocked, the time until the write is
+    durable, vs write + fsync. Peak RSS added = VmHWM during the operation - RSS before the first save.
+    """
+    import tensorflow as tf
+
+    from harness import checkpointing, config, modeling, optimization, state
+
+    width = hidden_width_for(state_gigabytes)
+    run = config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
+    model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
+    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
+    state_bytes = sum(int(v.numpy().nbytes) for v in [*model.weights, *train_state.optimizer.variables])
+    directory = os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-{mode}")
+    shutil.rmtree(directory, ignore_errors=True)
+    checkpointer = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
+                                              async_save=mode == "async", is_chief=True)
+    train_steps = _training_steps(train_state)
+    train_steps(3)  # trace, and allocate what training needs (gradients, Adam's temporaries)
+    baseline_kib = 0  # the peak of training without saving: the highest of a few rounds (it varies)
+    for _ in range(3):
+        reset_peak_rss()
+        train_steps(3)
+        baseline_kib = max(baseline_kib, _memory_kib("VmHWM"))
+    figures: dict[str, list[float]] = {}
+    shuffler = random.Random(seed)
+
+    def record(name: str, value: float) -> None:
+        figures.setdefault(name, []).append(value)
+
+    for repeat in range(1, repeats + 1):
+        jobs = ["save", "raw write"]
+        shuffler.shuffle(jobs)
+        for job in jobs:
+            if job == "raw write":
+                record("raw write + fsync", raw_write_seconds(os.path.join(work_dir, "raw.bin"), state_bytes))
+                continue
+            train_state.step.assign(repeat)
+            reset_peak_rss()
+            started = time.perf_counter()
+            blocked = checkpointer.save(repeat)
+            checkpointer.wait()
+            record("save: durable", time.perf_counter() - started)
+            record("save: training blocked", blocked)
+            train_steps(3)  # training goes on after the save (an async staging copy stays alive)
+            record("save: peak RSS added / state", (_memory_kib("VmHWM") - baseline_kib) * 1024 / state_bytes)
+    files = sorted(glob.glob(os.path.join(directory, "ckpt-*.*")))
+    checkpoint_bytes = sum(os.path.getsize(p) for p in files)
+    if mode == "sync":
+        reader = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
+                                            async_save=False, is_chief=True)
+        figures["cold cache by"] = [drop_page_cache(files)]  # type: ignore[list-item]
+        started = time.perf_counter()
+        reader.restore_latest()
+        record("restore (cold, first in the process)", time.perf_counter() - started)
+        for _ in range(repeats):
+            jobs = [(kind, cache) for kind in ("restore", "raw read") for cache in ("warm", "cold")]
+            shuffler.shuffle(jobs)
+            for kind, cache in jobs:
+                if cache == "cold":
+                    figures["cold cache by"] = [drop_page_cache(files)]  # type: ignore[list-item]
+                else:
+                    _plain_read(files)
+                reset_peak_rss()
+                before_kib = _memory_kib("VmRSS")
+                started = time.perf_counter()
+                if kind == "restore":
+                    reader.restore_latest()
+                else:
+                    _plain_read(files)
+                record(f"{kind} ({cache})", time.perf_counter() - started)
+                if kind == "restore":
+                    record("restore: peak RSS added / state", (_memory_kib("VmHWM") - before_kib) * 1024 / state_bytes)
+    del tf
+    shutil.rmtree(directory, ignore_errors=True)
+    return {"state_bytes": state_bytes, "checkpoint_bytes": checkpoint_bytes, "width": width,
+            "baseline_rss_bytes": baseline_kib * 1024, "figures": figures}
+
+
+def _training_steps(train_state: Any) -> Callable[[int], None]:
+    """Real Adam steps on random batches of 32: what a run needs in memory without saving."""
+    import tensorflow as tf
+
+    model, optimizer = train_state.model, train_state.optimizer
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(features: tf.Tensor, labels: tf.Tensor) -> None:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, model(features, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+    def run(num_steps: int) -> None:
+        for _ in range(num_steps):
+            step(tf.random.uniform([32, 784]), tf.random.uniform([32], maxval=10, dtype=tf.int32))
+
+    return run
+
+
+def measure_checkpoint_io(sizes_gigabytes: Sequence[float], *, repeats: int, work_dir: str) -> list[dict[str, Any]]:
+    """`checkpoint_io_child` for every size and mode, each in its own process; results in order."""
+    results = []
+    for size in sizes_gigabytes:
+        for mode in ("sync", "async"):
+            code = ("import json, sys; from harness import benchmarking as b; "
+                    f"print('RESULT' + json.dumps(b.checkpoint_io_child({size}, mode={mode!r}, repeats={repeats}, "
+                    f"work_dir={work_dir!r})))")
+            completed = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=subprocess_env(),
+                                       capture_output=True, text=True, check=False)
+            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
+            if completed.returncode != 0 or not lines:
+                raise RuntimeError(f"checkpoint benchmark child ({size} GB, {mode}) failed:\n"
+                                   f"{completed.stderr[-3000:]}")
+            results.append({"gigabytes": size, "mode": mode, **json.loads(lines[-1][len("RESULT"):])})
+    return results

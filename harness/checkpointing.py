@@ -13,8 +13,12 @@ reported when one does not fit the model. Guarantees:
 - Restoring never writes to the checkpoint directory; a run that fails at start-up leaves it as
   it was.
 - Only the chief writes to `checkpoint.dir`, and only while `before_write` (the lease check)
-  passes. Other workers of a multi-worker job must take part in every save (the values are
-  gathered collectively) and write to a private temporary directory deleted after each save.
+  passes. Other workers of a multi-worker job write nothing: every variable of the state is
+  mirrored, so the chief's copy is the checkpoint. Only a state holding sync-on-read variables
+  (whose saved value is gathered collectively) makes them take part in every save, writing to a
+  private temporary directory deleted after each save.
+- Every save is fsynced (data, index, directory) before it is recorded as latest, so a recorded
+  checkpoint survives a host crash, not only a killed process.
 - Every checkpoint also holds `provenance` (harness/provenance.py): the config and versions that
   wrote it. `restore_latest(verify=...)` shows it to the caller before restoring anything.
 - A failed write (disk full, permission lost, a flaky network filesystem) leaves no file of that
@@ -139,6 +143,35 @@ def _display_name(key: str) -> str:
     return key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) else key
 
 
+def bytes_written_by_this_process() -> int | None:
+    """Bytes this process has passed to write calls so far (`wchar` of /proc/self/io), None elsewhere."""
+    try:
+        with open("/proc/self/io") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def collective_read_variables(tree: dict[str, object]) -> list[str]:
+    """Names of the variables in a checkpoint tree whose saved value is read with a collective.
+
+    Under tf.distribute a sync-on-read variable saves the aggregate over replicas, so every worker
+    must join its save; mirrored and plain variables save the local copy, identical on every worker.
+    """
+    found: list[str] = []
+
+    def visit(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                visit(child, f"{path}/{key}" if path else key)
+        elif isinstance(node, tf.distribute.DistributedValues) and \
+                getattr(node, "synchronization", None) == tf.VariableSynchronization.ON_READ:
+            found.append(path)
+
+    visit(tree, "")
+    return found
+
+
 def backing_variables(tree: dict[str, object]) -> dict[str, object]:
     """The checkpoint tree with each Keras variable replaced by the `tf.Variable` that holds its value.
 
@@ -188,15 +221,23 @@ class Checkpointer:
         self.consecutive_failures = 0
         self.total_failures = 0  # failed write attempts in this process, for TensorBoard
         self._last_saved_step: int | None = None
+        # Bytes this process wrote during the last save (None: written in the background, or unknown).
+        self.last_save_bytes_written: int | None = None
         self._step_existed = False  # whether the checkpoint being written existed before
         self._pending_step: int | None = None  # an async save whose background write is unconfirmed
         self._pending_existed = False
-        self._options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=async_save)
+        self._save_in_background = async_save  # False while `wait` rewrites a failed async save
         self._async = async_save
-        # Non-chief workers: a private path that each save creates and then deletes, so a worker
-        # that never saves (or finishes) leaves nothing behind.
+        # Non-chief workers write nothing when saving reads every value locally; only a state that
+        # needs a collective to read (sync-on-read variables) makes them take part, through a private
+        # path that each save creates and then deletes, so a worker that finishes leaves nothing.
+        collective = collective_read_variables(self._items) if not is_chief else []
+        self._write_private_copy = bool(collective)
         if not is_chief:
             remove_dead_workers_writes()
+            if collective:
+                log.info("non-chief worker: every save also writes a private copy of the state (deleted at once): "
+                         "reading %s needs every worker", ", ".join(collective[:4]))
         self._write_directory = directory if is_chief else os.path.join(
             tempfile.gettempdir(), f"{_WORKER_WRITES}{os.getpid()}-{id(self):x}")
         self._manager: tf.train.CheckpointManager | None = None
@@ -228,6 +269,7 @@ class Checkpointer:
                 f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
         skipped: list[str] = []
         for step, path in candidates:
+            reading_started = time.perf_counter()
             try:
                 saved_shapes = variable_shapes(path)
             except (*_READ_ERRORS, ValueError) as error:
@@ -255,7 +297,8 @@ class Checkpointer:
             if skipped:
                 log.warning("resumed from %s after skipping unreadable %s", _name(path),
                             ", ".join(_name(p) for p in skipped))
-            log.info("resuming from checkpoint %s at step %d", path, restored_step)
+            log.info("resuming from checkpoint %s at step %d (read, checked and assigned %.1f MB in %.2f s)", path,
+                     restored_step, _checkpoint_bytes(path) / 1e6, time.perf_counter() - reading_started)
             self._remove_abandoned_writes()
             return RestoreResult(step=restored_step, path=path, skipped=skipped)
         if candidates:
@@ -352,9 +395,37 @@ class Checkpointer:
         # Created lazily: constructing it reads (and may rewrite) the state file, which must not
         # happen before a successful restore.
         if self._manager is None:
+            if self.is_chief:
+                self._record_unrecorded_checkpoints()
             self._manager = tf.train.CheckpointManager(
                 self._checkpoint, self._write_directory, checkpoint_name=CHECKPOINT_NAME, **self._manager_settings)
         return self._manager
+
+    def _record_unrecorded_checkpoints(self) -> None:
+        """Add to the manager's state file the complete checkpoints newer than the latest it records.
+
+        A kill after a checkpoint was written and fsynced but before the manager recorded it leaves
+        a complete checkpoint (a restart may have resumed from it) that the manager would never
+        delete; recorded, `max_to_keep` applies to it as to the others. Older unrecorded ones are
+        left alone: `keep_every_hours` keeps checkpoints that way on purpose.
+        """
+        state = tf.train.get_checkpoint_state(self.directory)
+        recorded = list(state.all_model_checkpoint_paths) if state else []
+        recorded_steps = [int(m.group(1)) for m in (_STEP_PATTERN.match(_name(p) + ".index") for p in recorded) if m]
+        newest_recorded = max(recorded_steps, default=-1)
+        unrecorded = sorted((step, path) for step, path in list_checkpoints(self.directory) if step > newest_recorded)
+        if not unrecorded:
+            return
+        timestamps = list(state.all_model_checkpoint_timestamps) if state else []
+        if len(timestamps) != len(recorded):
+            timestamps = [time.time()] * len(recorded)
+        paths = recorded + [path for _, path in unrecorded]
+        timestamps += [tf.io.gfile.stat(f"{path}.index").mtime_nsec / 1e9 for _, path in unrecorded]
+        log.info("recording %s as checkpoints of this directory: written completely before a kill that came before "
+                 "TensorFlow recorded them", ", ".join(_name(path) for _, path in unrecorded))
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, paths[-1], all_model_checkpoint_paths=paths, all_model_checkpoint_timestamps=timestamps,
+            last_preserved_timestamp=state.last_preserved_timestamp if state else None)
 
     def save(self, step: int) -> float:
         """Save the state as `ckpt-<step>`; return the seconds training was blocked by the save.
@@ -364,12 +435,25 @@ class Checkpointer:
         """
         started = time.perf_counter()
         self._confirm_pending_write()  # TensorFlow would wait for it anyway before the next write
+        written_before = bytes_written_by_this_process()
+        try:
+            return self._save(step, started)
+        finally:
+            written_after = bytes_written_by_this_process()
+            in_background = self._save_in_background and self.is_chief
+            known = written_before is not None and written_after is not None
+            self.last_save_bytes_written = written_after - written_before if known and not in_background else None
+
+    def _save(self, step: int, started: float) -> float:
         while True:
             if self.before_write is not None:
                 self.before_write()
+            if not self.is_chief and not self._write_private_copy:
+                self._last_saved_step = step  # the chief writes; nothing here needs this worker
+                return time.perf_counter() - started
             self._step_existed = self._exists(step)
             try:
-                self.manager.save(checkpoint_number=step, options=self._options)
+                self.manager.save(checkpoint_number=step, options=_write_options(async_save=self._save_in_background))
                 if not self.is_chief:
                     self.wait()
                     shutil.rmtree(self._write_directory, ignore_errors=True)
@@ -415,11 +499,11 @@ class Checkpointer:
         return True
 
     def _save_synchronously(self, step: int) -> None:
-        options, self._options = self._options, tf.train.CheckpointOptions()
+        self._save_in_background = False
         try:
             self.save(step)
         finally:
-            self._options = options
+            self._save_in_background = self._async
 
     def _write_failed(self, error: BaseException, *, step: int | None) -> None:
         """Count a failed write, remove what it left, then back off or give up with `StorageError`."""
@@ -463,6 +547,38 @@ class Checkpointer:
                         _short(error))
 
 
+def _write_options(*, async_save: bool) -> tf.train.CheckpointOptions:
+    """Fresh options for one save: `make_durable` runs after TensorFlow's write (on the background
+    thread for async saves) and before the manager records the checkpoint as latest and deletes old
+    ones. `CheckpointManager.save` appends its own callback to the options' list (TF 2.21), hence a
+    new list per save."""
+    return tf.train.CheckpointOptions(experimental_enable_async_checkpoint=async_save,
+                                      experimental_write_callbacks=[make_durable])
+
+
+def make_durable(save_path: str) -> None:
+    """fsync a written checkpoint's files and directory, so that it survives a power loss or a host crash.
+
+    Without it a checkpoint recorded as latest could still be only in the page cache; `list_checkpoints`
+    trusts an index file, so the index (renamed into place last by TensorFlow) must be durable no
+    earlier than its data. Remote filesystems (gs://, hdfs://) give their own guarantees on close.
+    """
+    if "://" in save_path:
+        return
+    directory = os.path.dirname(save_path) or "."
+    for path in [*sorted(glob.glob(glob.escape(save_path) + ".data-*")), save_path + ".index"]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _raise_async_write_error(checkpoint: tf.train.Checkpoint) -> None:
     """Raise the error of the background write `sync()` just waited for, if it failed.
 
@@ -473,6 +589,13 @@ def _raise_async_write_error(checkpoint: tf.train.Checkpoint) -> None:
     helper = getattr(checkpoint, "_async_checkpointer_impl", None)
     if helper is not None and hasattr(helper, "_check_async_thread_error"):
         helper._check_async_thread_error()
+
+
+def _checkpoint_bytes(path: str) -> int:
+    try:
+        return sum(tf.io.gfile.stat(name).length for name in tf.io.gfile.glob(f"{path}.*"))
+    except tf.errors.OpError:
+        return 0
 
 
 def _name(path: str) -> str:

@@ -248,6 +248,10 @@ class TrainerConfig:
 class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"  # any path tf.io.gfile supports (local, gs://, hdfs://)
     every_steps: int = 200  # steps between checkpoints; a final one is always written
+    every_seconds: float | None = None  # also save once this much wall time passed since the last save
+    # Stretch the interval so that saving blocks training at most this fraction of the time (e.g.
+    # 0.03); the interval chosen is logged. null: save exactly as every_steps/every_seconds say.
+    max_overhead: float | None = None
     max_to_keep: int = 3  # newest checkpoints kept; >= 2 leaves a fallback if one is corrupted
     keep_every_hours: float | None = None  # additionally keep one checkpoint per this period
     # A failed write (disk full, permission lost, a flaky network filesystem) is retried after
@@ -542,6 +546,10 @@ def validate(run: RunConfig) -> None:
     c = run.checkpoint
     _require(bool(c.dir), "checkpoint.dir", c.dir, "a directory path")
     _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive number of steps")
+    _require(c.every_seconds is None or c.every_seconds > 0, "checkpoint.every_seconds", c.every_seconds,
+             "null or a positive number of seconds")
+    _require(c.max_overhead is None or 0 < c.max_overhead < 1, "checkpoint.max_overhead", c.max_overhead,
+             "null or a fraction of the training time between 0 and 1 (e.g. 0.03)")
     _require(c.max_to_keep >= 1, "checkpoint.max_to_keep", c.max_to_keep, "at least 1 (2 or more recommended)")
     _require(c.keep_every_hours is None or c.keep_every_hours > 0, "checkpoint.keep_every_hours",
              c.keep_every_hours, "null or a positive number of hours")

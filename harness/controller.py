@@ -14,6 +14,7 @@ Every inner loop, eval and save runs under the hang watchdog.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from harness.attempt import Attempt
+from harness.checkpoint_pacing import SavePacer
 from harness.checkpointing import Checkpointer
 from harness.config import TrainerConfig
 from harness.data import SeekableInput
@@ -79,7 +81,7 @@ class Controller:
     train_loop: TrainLoop
     eval_loop: EvalLoop
     checkpointer: Checkpointer
-    checkpoint_every: int
+    save_pacer: SavePacer  # when periodic checkpoints are due (every_steps, every_seconds, max_overhead)
     summaries: Summaries
     progress: Progress
     watcher: PreemptionWatcher
@@ -160,7 +162,7 @@ class Controller:
             if skip_now:  # a rollback skip takes effect here; saved at once below
                 self._apply_skips(step)
                 iterator = self._iterator()
-            if step % self.checkpoint_every == 0 or step == max_steps or stop or skip_now:
+            if self._periodic_save_due(step) or step == max_steps or stop or skip_now:  # first: may be collective
                 self._save(step)
             if stop:
                 self._wait_for_saves()
@@ -177,7 +179,7 @@ class Controller:
 
     def _steps_until_next_event(self, step: int, skip_starts: set[int]) -> int:
         boundaries = [self.trainer.max_steps, _next_multiple(step, self.trainer.log_every),
-                      _next_multiple(step, self.checkpoint_every), step + self.trainer.steps_per_loop]
+                      self.save_pacer.next_due_step(step), step + self.trainer.steps_per_loop]
         if self.trainer.eval_every:
             boundaries.append(_next_multiple(step, self.trainer.eval_every))
         boundaries += [start for start in skip_starts if start > step]
@@ -266,13 +268,27 @@ class Controller:
         with self.watchdog.phase("save"):
             self.checkpointer.wait()
 
+    def _periodic_save_due(self, step: int) -> bool:
+        """The pacer's decision, agreed by every worker when it depends on clocks (time or overhead pacing)."""
+        due = self.save_pacer.due(step)
+        if self.save_pacer.depends_on_clock and num_workers(self.strategy) > 1:
+            due = self._save_agreement.any_of([due])[0]
+        return due
+
+    @functools.cached_property
+    def _save_agreement(self) -> StopAgreement:
+        return StopAgreement(self.strategy)
+
     def _save(self, step: int) -> None:
         self.summaries.flush()
         failures_before = self.checkpointer.total_failures
         with self.watchdog.phase("save"):
             blocked = self.checkpointer.save(step)
+        self.save_pacer.saved(step, blocked_seconds=blocked)
         self.summaries.scalars(step, {"perf/checkpoint_save_seconds": blocked})
         if self.checkpointer.total_failures > failures_before:
             self.summaries.scalars(step, {"faults/checkpoint_write_failures": self.checkpointer.total_failures})
         self.attempt.accounting.progress(step)
-        self.progress.message(f"saved checkpoint ckpt-{step} ({blocked:.2f}s)")
+        written = self.checkpointer.last_save_bytes_written
+        self.progress.message(f"saved checkpoint ckpt-{step} ({blocked:.2f}s"
+                              + (f", {written / 1e6:.1f} MB written by this process)" if written is not None else ")"))

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import benchmarking as bench
 
-SECTIONS = ("throughput", "stall", "restore", "startup")
+SECTIONS = ("throughput", "stall", "restore", "startup", "checkpoint")
 # train.py as a user would run it for speed: 100 steps per tf.function call, a log line and a
 # TensorBoard point every 100 steps, a checkpoint every 1000; eval and export only at the end
 # (they cancel out of t(N2) - t(N1)).
@@ -155,6 +155,41 @@ def startup(args: argparse.Namespace, work_dir: str) -> None:
         print(f"| {package} | {seconds:.3f} |")
 
 
+def checkpoint_io(args: argparse.Namespace, work_dir: str) -> None:
+    results = bench.measure_checkpoint_io(args.state_gb, repeats=args.repeats, work_dir=work_dir)
+    print(f"\n## Checkpoint I/O at scale: MLP 784-w-w-10 + Adam, {args.repeats} interleaved repeats per figure, "
+          f"checkpoint files and raw I/O in {work_dir}\n")
+    print_checkpoint_table(results)
+
+
+def print_checkpoint_table(results: list[dict]) -> None:
+    print("Ratios are medians of per-repeat ratios (harness / raw I/O of the same bytes, same filesystem, same "
+          "repeat). Peak RSS added: VmHWM while saving and training on - the peak of training without saving, "
+          "over the state's size.\n")
+    print("| state | mode | figure | harness, median | raw I/O, median | ratio (median) | min-max ratio |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for result in results:
+        figures, label = result["figures"], f"{result['state_bytes'] / 1e9:.2f} GB (w={result['width']})"
+        pairs = [("save: durable", "raw write + fsync", "save, written and fsynced")]
+        if result["mode"] == "async":
+            pairs.append(("save: training blocked", "raw write + fsync", "training blocked by the save"))
+        else:
+            pairs += [("restore (warm)", "raw read (warm)", "restore, warm cache"),
+                      ("restore (cold)", "raw read (cold)", "restore, cold cache"),
+                      ("restore (cold, first in the process)", "raw read (cold)",
+                       "restore, cold cache, first in the process")]
+        for mine, raw, what in pairs:
+            ratios = [a / b for a, b in zip(figures[mine], figures[raw])]
+            print(f"| {label} | {result['mode']} | {what} | {bench.median(figures[mine]):.2f} s | "
+                  f"{bench.median(figures[raw]):.2f} s | {bench.median(ratios):.2f} | "
+                  f"{min(ratios):.2f}-{max(ratios):.2f} |")
+        added = figures["save: peak RSS added / state"]
+        print(f"| {label} | {result['mode']} | peak RSS added by saving / state | {bench.median(added):.2f} (max "
+              f"{max(added):.2f}) | training peak without saving: {result['baseline_rss_bytes'] / 1e9:.2f} GB | | |")
+    cold = next((r["figures"]["cold cache by"][0] for r in results if "cold cache by" in r["figures"]), "-")
+    print(f"\n(cold cache: {cold} before each cold read)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -163,6 +198,8 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, default=2500, help="N2 for train.py and the hand-written loop")
     parser.add_argument("--variants", action="store_true", help="also time train.py with each speed option")
     parser.add_argument("--core", action="store_true", help="throughput of train.py and the baseline loop only")
+    parser.add_argument("--state-gb", type=float, nargs="+", default=[0.1, 1.0, 2.0],
+                        help="checkpoint section: state sizes in GB (default 0.1 1 2)")
     parser.add_argument("--work-dir", default=None, help="scratch directory (default: a temporary one)")
     args = parser.parse_args()
     if args.repeats < 1 or not 0 < args.short_steps < args.long_steps or any(
@@ -179,6 +216,8 @@ def main() -> None:
         restore(args, work_dir, source_run_dir)
     if "startup" in args.sections:
         startup(args, work_dir)
+    if "checkpoint" in args.sections:
+        checkpoint_io(args, work_dir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""How checkpoints reach the disk: fsynced before they count, written once per job (the chief's).
+
+In-process with small real states; the GB-scale figures are `scripts/benchmark.py --sections checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import pytest
+import tensorflow as tf
+
+from harness import checkpointing
+from harness.checkpointing import Checkpointer, collective_read_variables
+from harness.state import TrainState, create_train_state
+
+
+def small_state() -> TrainState:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")], name="net")
+    return create_train_state(model, keras.optimizers.Adam())
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
+    """Every fsync the checkpointing module makes: (path, the checkpoint recorded as latest at that moment)."""
+    calls: list[tuple[str, str | None]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        calls.append((path, tf.train.latest_checkpoint(directory)))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(checkpointing.os, "fsync", recording_fsync)
+    return calls
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_every_file_is_fsynced_before_the_checkpoint_is_recorded_as_latest(
+        tmp_path: Path, fsyncs: list[tuple[str, str | None]], async_save: bool) -> None:
+    state = small_state()
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(state, directory=str(directory), max_to_keep=2, keep_every_hours=None,
+                                async_save=async_save, is_chief=True)
+    for step in (10, 20):
+        state.step.assign(step)
+        checkpointer.save(step)
+        checkpointer.wait()
+        prefix = str(directory / f"ckpt-{step}")
+        synced = {path for path, _ in fsyncs}
+        assert {f"{prefix}.index", f"{prefix}.data-00000-of-00001", str(directory)} <= synced
+        recorded_while_syncing = {latest for path, latest in fsyncs if path.startswith(prefix)}
+        assert prefix not in recorded_while_syncing, "recorded as latest before it was on disk"
+        assert tf.train.latest_checkpoint(str(directory)) == prefix
+        if not async_save:  # what the controller's "saved checkpoint" line reports
+            files = (directory / f"ckpt-{step}.index", directory / f"ckpt-{step}.data-00000-of-00001")
+            assert checkpointer.last_save_bytes_written >= sum(path.stat().st_size for path in files)
+        fsyncs.clear()
+
+
+def test_a_non_chief_writes_nothing_when_every_variable_is_mirrored(
+        tmp_path: Path, fsyncs: list[tuple[str, str | None]], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    state = small_state()
+    checkpointer = Checkpointer(state, directory=str(tmp_path / "checkpoints"), max_to_keep=2, keep_every_hours=None,
+                                async_save=False, is_chief=False)
+    for step in (10, 20):
+        state.step.assign(step)
+        checkpointer.save(step)
+    assert fsyncs == [], "a non-chief wrote a checkpoint"
+    assert checkpointer.last_save_bytes_written == 0
+    assert not list(tmpdir.iterdir()) and not (tmp_path / "checkpoints").exists()
+
+
+def test_sync_on_read_variables_are_the_ones_that_need_every_worker() -> None:
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        mirrored = tf.Variable(1.0)
+        summed = tf.Variable(0.0, synchronization=tf.VariableSynchronization.ON_READ,
+                             aggregation=tf.VariableAggregation.SUM)
+    plain = tf.Variable(2.0)
+    tree = {"model": {"dense": {"kernel": mirrored}}, "metrics": {"total": summed}, "step": plain}
+    assert collective_read_variables(tree) == ["metrics/total"]
+    assert collective_read_variables(checkpointing.backing_variables(small_state().checkpoint_items())) == []
+
+
+@pytest.mark.parametrize("recorded_before", [True, False])
+def test_a_checkpoint_killed_before_it_was_recorded_is_restored_then_rotated_like_the_others(
+        tmp_path: Path, recorded_before: bool) -> None:
+    """A kill between the fsync and the manager's record leaves a complete ckpt-11 that the state file
+    does not list: the next run resumes from it, and max_to_keep deletes it in turn."""
+    directory = tmp_path / "checkpoints"
+    state = small_state()
+    writer = Checkpointer(state, directory=str(directory), max_to_keep=1, keep_every_hours=None, async_save=False,
+                          is_chief=True)
+    if recorded_before:
+        state.step.assign(10)
+        writer.save(10)
+    state.step.assign(11)
+    writer._checkpoint.write(str(directory / "ckpt-11"))  # written (as a save writes it), never recorded
+    assert tf.train.latest_checkpoint(str(directory)) == (str(directory / "ckpt-10") if recorded_before else None)
+
+    successor_state = small_state()
+    successor = Checkpointer(successor_state, directory=str(directory), max_to_keep=1, keep_every_hours=None,
+                             async_save=False, is_chief=True)
+    assert successor.restore_latest().step == 11
+    for step in (12, 13):
+        successor_state.step.assign(step)
+        successor.save(step)
+    assert sorted(p.name for p in directory.iterdir()) == ["checkpoint", "ckpt-13.data-00000-of-00001",
+                                                          "ckpt-13.index"]
