@@ -69,12 +69,17 @@ class SavePacer:
             return True
         return self.interval_seconds is not None and now - self._last_save_end >= self.interval_seconds
 
-    def next_due_step(self, step: int) -> int:
+    def next_due_step(self, step: int, *, use_local_clock: bool = True) -> int:
         """The first step after `step` at which a save may be due: an inner loop ends there.
 
-        By time this is an estimate from the measured step time; `due` has the last word.
+        By time this is an estimate from the measured step time; `due` has the last word. With
+        `use_local_clock=False` (several workers, whose inner loops must end at the same steps) it
+        is the next multiple of `every_steps`, whatever this process measured: time-paced saves
+        then happen at inner-loop ends (at least every `trainer.steps_per_loop` steps).
         """
         self._follow_rollback(step)
+        if not use_local_clock:
+            return (step // self.every_steps + 1) * self.every_steps
         earliest = step if self.interval_steps == self.every_steps else max(
             step, self._last_save_step + self.interval_steps - 1)
         boundary = (earliest // self.every_steps + 1) * self.every_steps

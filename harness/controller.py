@@ -179,7 +179,8 @@ class Controller:
 
     def _steps_until_next_event(self, step: int, skip_starts: set[int]) -> int:
         boundaries = [self.trainer.max_steps, _next_multiple(step, self.trainer.log_every),
-                      self.save_pacer.next_due_step(step), step + self.trainer.steps_per_loop]
+                      self.save_pacer.next_due_step(step, use_local_clock=num_workers(self.strategy) == 1),
+                      step + self.trainer.steps_per_loop]
         if self.trainer.eval_every:
             boundaries.append(_next_multiple(step, self.trainer.eval_every))
         boundaries += [start for start in skip_starts if start > step]

@@ -107,3 +107,29 @@ def test_train_py_saves_by_time_at_inner_loop_ends(run_dir: Path) -> None:
     assert_ok(result)
     saved = sorted(int(p.name[len("ckpt-"):-len(".index")]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
     assert saved == list(range(10, 31))
+
+
+def test_with_several_workers_inner_loops_end_at_steps_that_do_not_depend_on_the_clock() -> None:
+    clock = FakeClock()
+    pacer = SavePacer(every_steps=100, every_seconds=5.0, clock=clock)
+    train(pacer, clock, until=60, seconds_per_step=1.0, save_seconds=0.5)  # step time measured locally
+    assert pacer.next_due_step(60) < 100  # one process alone ends its loop where its clock says
+    assert pacer.next_due_step(60, use_local_clock=False) == 100
+
+
+@pytest.mark.slow
+def test_two_workers_save_by_time_at_the_same_steps(tmp_path: Path) -> None:
+    """Time-paced saves on a 2-process MultiWorkerMirroredStrategy gang: inner loops whose length
+    depended on each worker's clock used to deadlock the collectives (exit 4)."""
+    from tests.test_distributed import run_gang, worker_lines
+
+    run_dir = tmp_path / "run"
+    code, output = run_gang(run_dir, "trainer.max_steps=100", "trainer.log_every=50", "trainer.eval_every=0",
+                            "checkpoint.every_steps=1000", "checkpoint.every_seconds=1e-6",
+                            "checkpoint.max_overhead=0.5", "checkpoint.max_to_keep=100", tmpdir=tmp_path / "tmp")
+    assert code == 0, output[-4000:]
+    saved = [[line.split("saved checkpoint ")[1].split()[0] for line in worker_lines(output, index)
+              if "saved checkpoint" in line] for index in (0, 1)]
+    assert saved[0] == saved[1] and len(saved[0]) == 10, saved  # every inner loop (10 steps), both workers
+    assert sorted(int(p.name[5:-6]) for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == \
+        list(range(10, 101, 10))
