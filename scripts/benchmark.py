@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import benchmarking as bench
 
-SECTIONS = ("throughput", "stall", "restore", "startup", "checkpoint")
+SECTIONS = ("throughput", "stall", "restore", "startup", "checkpoint", "data")
 # train.py as a user would run it for speed: 100 steps per tf.function call, a log line and a
 # TensorBoard point every 100 steps, a checkpoint every 1000; eval and export only at the end
 # (they cancel out of t(N2) - t(N1)).
@@ -218,6 +218,11 @@ def main() -> None:
         startup(args, work_dir)
     if "checkpoint" in args.sections:
         checkpoint_io(args, work_dir)
+    if "data" in args.sections:  # data bigger than memory: scripts/data_benchmark.py (--workdir keeps the data)
+        import data_benchmark
+
+        data_args = data_benchmark.parse_arguments(["--repeats", str(min(args.repeats, 3))])
+        print("\n".join(data_benchmark.run_data_section(data_args)), flush=True)
 
 
 if __name__ == "__main__":

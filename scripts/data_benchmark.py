@@ -363,12 +363,13 @@ def machine_lines(workdir: str) -> list[str]:
     with open("/proc/cpuinfo") as handle:
         cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     with open("/proc/meminfo") as handle:
-        memory_gb = int(handle.readline().split()[1]) / 1024 / 1024
+        meminfo = {line.split(":")[0]: int(line.split()[1]) for line in handle}
+    memory_gb, swap_gb = meminfo["MemTotal"] / 1024 / 1024, meminfo["SwapTotal"] / 1024 / 1024
     disk = subprocess.run(["df", "-h", "--output=source,fstype,size,avail", workdir], capture_output=True,
                           text=True).stdout.splitlines()[-1].split()
     import tensorflow as tf
 
-    return [f"- {os.cpu_count()} cores (`nproc`), `{cpu}`, {memory_gb:.1f} GB RAM, no swap check: see `free -g`",
+    return [f"- {os.cpu_count()} cores (`nproc`), `{cpu}`, {memory_gb:.1f} GB RAM, {swap_gb:.1f} GB swap",
             f"- data on `{disk[0]}` ({disk[1]}, {disk[2]}, {disk[3]} free), Python {platform.python_version()}, "
             f"TensorFlow {tf.__version__}",
             f"- load average at start {os.getloadavg()[0]:.2f} (1 min)"]
@@ -494,7 +495,7 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gigabytes", type=float, default=8.0, help="size of the large data set")
     parser.add_argument("--small-megabytes", type=float, default=100.0, help="size of the small data set")
@@ -505,7 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tfrecord-baseline", metavar="GLOB", help=argparse.SUPPRESS)  # a peer's own process
     parser.add_argument("--steps", type=int, default=1500, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
     if args.tfrecord_baseline:
         tfrecord_baseline(args.tfrecord_baseline, max_steps=args.steps, out=args.out)
         return 0
