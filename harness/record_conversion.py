@@ -27,8 +27,9 @@ from harness.errors import DataError
 from harness.record_files import ExampleLayout, expected_records, first_line
 
 # group_size:1 puts each record in its own chunk: a random read decodes one record, not a group.
-# zstd (the default) is kept: it costs little to decode one record and shrinks int/sparse data.
-WRITER_OPTIONS = "group_size:1"
+# Uncompressed: training reads every record once an epoch, and on 2 cores zstd's decoding cost more
+# steps/s than its few percent of size saved (docs/benchmarks.md, section 6: 0.73x -> 0.85x).
+WRITER_OPTIONS = "group_size:1,uncompressed"
 DEFAULT_RECORDS_PER_SHARD = 100_000  # ~300 MB of 784-float records: few files to open, cheap to rewrite one
 SHARD_PATTERN = "data-?????-of-?????.array_record"
 _CHUNK_ROWS = 1024  # rows read from the input at a time: bounds memory whatever the input's size
