@@ -101,7 +101,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
     """Every leaf key whose value differs between two resolved configs, sorted by key."""
     flat_saved, flat_current = _flatten(saved), _flatten(current)
     for group, values in ABSENT_MEANS.items():
-        if group not in saved:
+        if group not in saved and group in current:
             flat_saved.update(values)
     unrecorded = [pattern for pattern in COMPARED_WHEN_RECORDED if not any(_matches(k, [pattern]) for k in flat_saved)]
     return [ConfigChange(key, flat_saved.get(key, _ABSENT), flat_current.get(key, _ABSENT))
