@@ -2,18 +2,16 @@
 
 In-process: every task config composes and builds; metric sums add up across batch shards (what
 makes them exact for any replica and worker count) and give the textbook values; models that do
-not fit a task are refused. End to end, per shipped task with real processes: train, SIGKILL after
-a checkpoint, resume bit-exactly, reload the export and compare its outputs; a user's own task
-defined outside the project; bad task/model/data combinations exit 2 before anything is written.
+not fit a task are refused. With real processes: the README's own task trained from outside the
+project; bad task/model/data combinations exit 2 before anything is written; mirrored equals one
+device; a regression's divergence is rolled back. Each task's own kill-and-resume and export runs
+are in tests/test_task_runs.py.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness import assembly, config, inference
+from harness import config, inference
 from harness.chaos import compare_checkpoints
 from harness.data_sources import ExampleArrays
 from harness.errors import ConfigError, DataError
@@ -29,7 +27,6 @@ from harness.tasks import build_task, check_model_fits
 from harness.tasks.classification import Classification
 from harness.tasks.language_model import LanguageModel
 from harness.tasks.regression import Regression
-from tests.background import BackgroundRun
 from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,
@@ -38,8 +35,8 @@ from tests.conftest import (
     event_scalars,
     run_train,
     subprocess_env,
-    train_command,
 )
+from tests.test_task_runs import COMMON, METRICS, TASKS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,111 +147,6 @@ def test_language_model_refuses_negative_token_ids_and_float_inputs() -> None:
     floats = np.zeros((2, 3), np.float32)
     with pytest.raises(DataError, match=r"the train inputs are float32 of shape \(2, 3\); expected integer token"):
         LanguageModel().prepare(ExampleArrays(floats, floats, floats, floats))
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end, per shipped task: SIGKILL and resume bit-exactly, export reloads with the same outputs
-# ---------------------------------------------------------------------------------------------
-COMMON = ("deterministic=true", "trainer.max_steps=40", "trainer.steps_per_loop=5", "trainer.log_every=5",
-          "trainer.eval_every=20", "checkpoint.every_steps=10")
-TASKS = {
-    "classification": ("model.dropout=0.2", "model.hidden=[32]", "data.num_examples=2304", "data.eval_examples=256",
-                       "data.global_batch_size=64"),
-    "regression": ("task=regression", "task.loss=huber", "model.dropout=0.1"),
-    "language_model": ("task=language_model", "data.seq_len=32", "data.global_batch_size=16", "model.num_layers=1",
-                       "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64", "model.dropout=0.1",
-                       "optimizer.learning_rate=0.003"),
-    "mobilenet_v2": ("model=mobilenet_v2", "data=digits", "data.global_batch_size=16", "trainer.max_steps=20",
-                     "trainer.eval_every=20"),
-}
-METRICS = {"classification": "accuracy", "regression": "r2", "language_model": "perplexity",
-           "mobilenet_v2": "accuracy"}
-
-
-def _final(run_dir: Path, overrides: tuple[str, ...]) -> Path:
-    max_steps = next(int(o.split("=")[1]) for o in reversed((*COMMON, *overrides)) if o.startswith("trainer.max_"))
-    return run_dir / "checkpoints" / f"ckpt-{max_steps}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("task", sorted(TASKS))
-def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path: Path, task: str) -> None:
-    overrides = (*COMMON, *TASKS[task])
-    reference = tmp_path / "reference"
-    assert_ok(run_train(reference, *overrides, "export.enabled=true", tiny=False))
-    scalars = event_scalars(reference / "tensorboard")
-    assert f"eval/{METRICS[task]}" in scalars and f"train/{METRICS[task]}" in scalars, sorted(scalars)
-
-    killed = tmp_path / "killed"
-    overrides = (*overrides, "export.enabled=false")
-    with BackgroundRun(train_command(killed, *overrides, tiny=False), env=subprocess_env()) as run:
-        run.wait_for(r"saved checkpoint ckpt-10\b", timeout=180)
-        run.process.send_signal(signal.SIGKILL)
-        assert run.finish(timeout=30) == -signal.SIGKILL
-    resumed = run_train(killed, *overrides, tiny=False)
-    assert_ok(resumed)
-    assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
-    assert compare_checkpoints(_final(killed, overrides), _final(reference, overrides)) == []
-    # TensorBoard: each logged step once, with the uninterrupted run's value (the killed process's
-    # points after its checkpoint are dropped by the restart marker).
-    curves, expected_curves = event_scalars(killed / "tensorboard"), scalars
-    for tag in ("train/loss", f"train/{METRICS[task]}", f"eval/{METRICS[task]}"):
-        assert curves[tag] == pytest.approx(expected_curves[tag], abs=1e-6), tag
-
-    loaded = inference.load(str(reference))
-    run = config.to_typed_config(compose(*overrides, f"run_dir={reference}", tiny=False))
-    inputs = assembly.load_task_data(run).examples.eval_features[:8]
-    expected = np.asarray(loaded.task.serving_outputs(tf.constant(inference.predict_outputs(loaded.model, inputs))))
-    served = tf.saved_model.load(str(reference / "export" / "saved_model"))
-    np.testing.assert_allclose(served.serve(tf.constant(inputs)).numpy(), expected, rtol=1e-5, atol=1e-5)
-    reloaded = keras.saving.load_model(reference / "export" / "model.keras")
-    np.testing.assert_allclose(np.asarray(reloaded(inputs, training=False)),
-                               inference.predict_outputs(loaded.model, inputs), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_regression_reaches_r2_of_0_4_and_predict_prints_values_in_target_units(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert_ok(run_train(run_dir, "task=regression", "trainer.max_steps=600", "trainer.eval_every=300",
-                        "checkpoint.every_steps=300", "trainer.steps_per_loop=50", tiny=False))
-    r2 = event_scalars(run_dir / "tensorboard")["eval/r2"]
-    assert [step for step, _ in r2] == [300, 600] and r2[-1][1] >= 0.4, r2
-    examples = assembly.load_task_data(config.to_typed_config(compose("task=regression", tiny=False))).examples
-    np.save(tmp_path / "inputs.npy", examples.eval_features[:5])
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "predict.py"), str(run_dir),
-                             str(tmp_path / "inputs.npy")], capture_output=True, text=True, env=subprocess_env(),
-                            cwd=PROJECT_ROOT, timeout=120)
-    assert_ok(result)
-    lines = result.stdout.strip().splitlines()
-    assert lines[0] == "row,prediction" and len(lines) == 6
-    predictions = np.array([float(line.split(",")[1]) for line in lines[1:]])
-    assert predictions.min() > 25 and predictions.max() < 350  # disease progression units, not standardised
-    diff = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "inspect_checkpoint.py"), str(run_dir),
-                           "--diff", "task=regression"], capture_output=True, text=True, env=subprocess_env(),
-                          cwd=PROJECT_ROOT, timeout=120)
-    assert_ok(diff)
-    assert "resume with this config (train.py): would restore" in diff.stdout, diff.stdout
-    warm = run_train(tmp_path / "warm", "task=regression", f"init_from={run_dir}", "trainer.max_steps=10",
-                     "trainer.steps_per_loop=10", "checkpoint.every_steps=10", "export.enabled=false", tiny=False)
-    assert_ok(warm)
-    assert "restored 4 of 4 model variables (optimizer fresh, step 0)" in warm.stdout + warm.stderr
-
-
-@pytest.mark.slow
-def test_language_model_generates_text_from_a_checkpoint(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert_ok(run_train(run_dir, *COMMON, *TASKS["language_model"], tiny=False))
-    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir), "--prompt", "The ",
-               "--length", "40", "--seed", "3"]
-    first, second = (subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), cwd=PROJECT_ROOT,
-                                    timeout=120) for _ in range(2))
-    assert_ok(first)
-    assert first.stdout.startswith("The ") and len(first.stdout.rstrip("\n")) >= 40
-    assert first.stdout == second.stdout  # same seed, same text
-    not_lm = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir / "nope"),
-                             "--prompt", "x"], capture_output=True, text=True, env=subprocess_env(), cwd=PROJECT_ROOT,
-                            timeout=120)
-    assert_ok(not_lm, code=2)
 
 
 # ---------------------------------------------------------------------------------------------
