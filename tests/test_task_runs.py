@@ -42,31 +42,49 @@ TASKS = {
     "language_model": ("task=language_model", "data.seq_len=32", "data.global_batch_size=16", "model.num_layers=1",
                        "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64", "model.dropout=0.1",
                        "optimizer.learning_rate=0.003"),
-    "mobilenet_v2": ("model=mobilenet_v2", "data=digits", "data.global_batch_size=16", "trainer.max_steps=20",
-                     "trainer.eval_every=20"),
+    "mobilenet_v2": ("model=mobilenet_v2", "data=digits", "data.global_batch_size=16", "trainer.max_steps=10",
+                     "trainer.eval_every=10", "checkpoint.every_steps=5"),
 }
 METRICS = {"classification": "accuracy", "regression": "r2", "language_model": "perplexity",
            "mobilenet_v2": "accuracy"}
 
 
+def _setting(overrides: tuple[str, ...], key: str) -> int:
+    """The last value `overrides` give `key` (later overrides win, as on the command line)."""
+    return next(int(o.split("=")[1]) for o in reversed(overrides) if o.startswith(f"{key}="))
+
+
 def _final(run_dir: Path, overrides: tuple[str, ...]) -> Path:
-    max_steps = next(int(o.split("=")[1]) for o in reversed((*COMMON, *overrides)) if o.startswith("trainer.max_"))
-    return run_dir / "checkpoints" / f"ckpt-{max_steps}"
+    return run_dir / "checkpoints" / f"ckpt-{_setting((*COMMON, *overrides), 'trainer.max_steps')}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory):
+    """`reference_run(task)`: the task's uninterrupted run with its export, trained once per module."""
+    runs: dict[str, Path] = {}
+
+    def train_once(task: str) -> Path:
+        if task not in runs:
+            runs[task] = tmp_path_factory.mktemp(task) / "reference"
+            assert_ok(run_train(runs[task], *COMMON, *TASKS[task], "export.enabled=true", tiny=False))
+        return runs[task]
+
+    return train_once
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path: Path, task: str) -> None:
+def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path: Path, task: str,
+                                                                        reference_run) -> None:
     overrides = (*COMMON, *TASKS[task])
-    reference = tmp_path / "reference"
-    assert_ok(run_train(reference, *overrides, "export.enabled=true", tiny=False))
+    reference = reference_run(task)
     scalars = event_scalars(reference / "tensorboard")
     assert f"eval/{METRICS[task]}" in scalars and f"train/{METRICS[task]}" in scalars, sorted(scalars)
 
     killed = tmp_path / "killed"
     overrides = (*overrides, "export.enabled=false")
     with BackgroundRun(train_command(killed, *overrides, tiny=False), env=subprocess_env()) as run:
-        run.wait_for(r"saved checkpoint ckpt-10\b", timeout=180)
+        run.wait_for(rf"saved checkpoint ckpt-{_setting(overrides, 'checkpoint.every_steps')}\b", timeout=180)
         run.process.send_signal(signal.SIGKILL)
         assert run.finish(timeout=30) == -signal.SIGKILL
     resumed = run_train(killed, *overrides, tiny=False)
@@ -119,9 +137,8 @@ def test_regression_reaches_r2_of_0_4_and_predict_prints_values_in_target_units(
 
 
 @pytest.mark.slow
-def test_language_model_generates_text_from_a_checkpoint(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert_ok(run_train(run_dir, *COMMON, *TASKS["language_model"], tiny=False))
+def test_language_model_generates_text_from_a_checkpoint(tmp_path: Path, reference_run) -> None:
+    run_dir = reference_run("language_model")
     command = [sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir), "--prompt", "The ",
                "--length", "40", "--seed", "3"]
     first, second = (subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), cwd=PROJECT_ROOT,
