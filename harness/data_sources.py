@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from harness.config import (
     TFRecordDataConfig,
 )
 from harness.errors import DataError
-from harness.record_files import ExampleLayout
+from harness.record_files import ExampleLayout, first_line, open_tfrecords
 
 
 @dataclass(frozen=True)
@@ -174,24 +173,14 @@ def _read_tfrecord(path: str, config: TFRecordDataConfig, *, key: str) -> tuple[
     expected = (f"TFRecord files of tf.train.Example records, each with a feature '{config.features_key}' of a "
                 f"fixed number of float or int64 values and a feature '{config.labels_key}' holding one int64 "
                 "class id or a fixed number of float targets")
-    files = sorted(tf.io.gfile.glob(path))
-    if not files:
-        raise DataError(f"Config key '{key}' = '{path}' matches no file. Expected {expected}.")
-    records = tf.data.TFRecordDataset(files)
-    try:
-        first = [record.numpy() for record in records.take(1)]
-    except tf.errors.OpError as error:  # not a TFRecord file, or its first record is corrupted
-        raise DataError(f"Data files '{path}' ({key}) are not readable TFRecord files "
-                        f"({_first_line(error)}). Expected {expected}.") from None
-    if not first:
-        raise DataError(f"Data files '{path}' ({key}) hold no records. Expected {expected}.")
-    layout = ExampleLayout.of_record(first[0], features_key=config.features_key, labels_key=config.labels_key,
+    _, records, first = open_tfrecords(path, source=f"Config key '{key}' = '{path}'", expected=expected)
+    layout = ExampleLayout.of_record(first, features_key=config.features_key, labels_key=config.labels_key,
                                      where=f"The first record of '{path}' ({key})")
     try:
         parsed = [tf.io.parse_example(batch, layout.parsing_spec) for batch in records.batch(8192)]
     except tf.errors.OpError as error:  # a corrupted record, or one whose layout differs from the first
         raise DataError(f"A record in '{path}' ({key}) cannot be read or differs from the first record "
-                        f"({layout.describe()}): {_first_line(error)}. Expected {expected}.") from None
+                        f"({layout.describe()}): {first_line(error.message)}. Expected {expected}.") from None
     features = np.concatenate([batch[config.features_key].numpy() for batch in parsed])
     labels = np.concatenate([batch[config.labels_key].numpy() for batch in parsed])
     if config.feature_shape is not None:
@@ -225,12 +214,6 @@ def _checked_arrays(features: np.ndarray, labels: np.ndarray, *, path: str, key:
         raise DataError(f"{where}: labels have dtype {labels.dtype}; expected numbers. Expected {expected}.")
     targets = labels.astype(np.int32) if labels.dtype.kind in "biu" else labels.astype(np.float32, copy=False)
     return features.astype(np.float32, copy=False), targets
-
-
-def _first_line(error: tf.errors.OpError) -> str:
-    """TensorFlow's message without the op and function-node decorations."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*", "", error.message or "").strip()
-    return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
 def diabetes(config: DiabetesDataConfig) -> ExampleArrays:

@@ -24,7 +24,7 @@ import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from harness.errors import DataError
-from harness.record_files import ExampleLayout, expected_records, first_line
+from harness.record_files import ExampleLayout, expected_records, first_line, open_tfrecords
 
 # group_size:1 puts each record in its own chunk: a random read decodes one record, not a group.
 # Uncompressed: training reads every record once an epoch, and on 2 cores zstd's decoding cost more
@@ -201,18 +201,8 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
 def _tfrecord_records(pattern: str, *, features_key: str, labels_key: str,
                       count: bool) -> tuple[int | None, Iterator[list[bytes]]]:
     expected = f"TFRecord files of {expected_records(features_key, labels_key)}, or a .npz archive"
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise DataError(f"Input '{pattern}' matches no file. Expected {expected}.")
-    records = tf.data.TFRecordDataset(files)
-    try:
-        first = [record.numpy() for record in records.take(1)]
-    except tf.errors.OpError as error:
-        raise DataError(f"Input '{pattern}' is not a readable TFRecord file ({first_line(error.message)}). "
-                        f"Expected {expected}.") from None
-    if not first:
-        raise DataError(f"Input '{pattern}' holds no records. Expected {expected}.")
-    layout = ExampleLayout.of_record(first[0], features_key=features_key, labels_key=labels_key,
+    files, records, first = open_tfrecords(pattern, source=f"Input '{pattern}'", expected=expected)
+    layout = ExampleLayout.of_record(first, features_key=features_key, labels_key=labels_key,
                                      where=f"The first record of '{files[0]}'")
 
     def batches() -> Iterator[tf.Tensor]:

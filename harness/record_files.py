@@ -272,6 +272,26 @@ class RecordShards:
         return self.num_records
 
 
+def open_tfrecords(pattern: str, *, source: str, expected: str) -> tuple[list[str], tf.data.TFRecordDataset, bytes]:
+    """The TFRecord files matching `pattern`, a dataset over them and their first record.
+
+    `source` names the input in messages (e.g. "Config key 'data.path' = '/d/*'"). Raises one
+    `DataError` when nothing matches, the files are not readable TFRecord files, or hold no record.
+    """
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise DataError(f"{source} matches no file. Expected {expected}.")
+    records = tf.data.TFRecordDataset(files)
+    try:
+        first = [record.numpy() for record in records.take(1)]
+    except tf.errors.OpError as error:  # not a TFRecord file, or its first record is corrupted
+        raise DataError(f"{source}: the files are not readable TFRecord files ({first_line(error.message)}). "
+                        f"Expected {expected}.") from None
+    if not first:
+        raise DataError(f"{source}: the files hold no records. Expected {expected}.")
+    return files, records, first[0]
+
+
 def _size_of(path: str) -> str:
     try:
         return f"{tf.io.gfile.stat(path).length} bytes"

@@ -84,3 +84,11 @@ class BackgroundRun:
             while not self._ended and time.monotonic() < deadline:
                 self._arrived.wait(timeout=0.5)
         return code
+
+
+def sigkill_after_checkpoint(command: list[str], step: int, *, env: dict[str, str], timeout: float = 180) -> None:
+    """Run `command` (train.py) until it logs the checkpoint of `step`, then SIGKILL it, as a scheduler would."""
+    with BackgroundRun(command, env=env) as run:
+        run.wait_for(rf"saved checkpoint ckpt-{step}\b", timeout=timeout)
+        run.process.send_signal(signal.SIGKILL)
+        assert run.finish(timeout=30) == -signal.SIGKILL

@@ -11,7 +11,6 @@ resume.
 from __future__ import annotations
 
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from harness.data import SeekableInput
 from harness.data_sources import load_examples
 from harness.file_sources import array_record, text_file, tokens
 from harness.record_conversion import write_array_shards
-from tests.background import BackgroundRun
+from tests.background import BackgroundRun, sigkill_after_checkpoint
 from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,
@@ -131,10 +130,7 @@ def _shards_overrides(shards: Path) -> tuple[str, ...]:
 def test_array_record_run_resumes_bit_exactly_and_equals_the_in_memory_run(
         tmp_path: Path, data_set: tuple[Path, Path], in_memory_run: Path) -> None:
     run_dir, overrides = tmp_path / "run", _shards_overrides(data_set[1])
-    with BackgroundRun(train_command(run_dir, *overrides, tiny=False), env=subprocess_env()) as run:
-        run.wait_for(r"saved checkpoint ckpt-10\b", timeout=120)
-        run.process.send_signal(signal.SIGKILL)
-        assert run.finish(timeout=30) == -signal.SIGKILL
+    sigkill_after_checkpoint(train_command(run_dir, *overrides, tiny=False), 10, env=subprocess_env())
     resumed = run_train(run_dir, *overrides, tiny=False)
     assert_ok(resumed)
     assert re.search(r"resuming from checkpoint \S+ at step [1-3]0", resumed.stdout + resumed.stderr)

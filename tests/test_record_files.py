@@ -351,7 +351,7 @@ def test_bad_tfrecord_input_leaves_no_shards(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"Record 1024 or one of the 1024 after it in '.*cut.tfrecord' cannot be read"):
         convert_to_array_record(str(tmp_path / "cut.tfrecord"), str(tmp_path / "out"))
     (tmp_path / "text.tfrecord").write_text("not records\n" * 10)
-    with pytest.raises(DataError, match=r"is not a readable TFRecord file"):
+    with pytest.raises(DataError, match=r"are not readable TFRecord files"):
         convert_to_array_record(str(tmp_path / "text.tfrecord"), str(tmp_path / "out"))
     with pytest.raises(DataError, match=r"matches no file"):
         convert_to_array_record(str(tmp_path / "none-*.tfrecord"), str(tmp_path / "out"))

@@ -7,7 +7,6 @@ regression's R² and predictions in target units; text sampled from a language m
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import tensorflow as tf
 
 from harness import assembly, config, inference
 from harness.chaos import compare_checkpoints
-from tests.background import BackgroundRun
+from tests.background import sigkill_after_checkpoint
 from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,
@@ -83,10 +82,8 @@ def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path
 
     killed = tmp_path / "killed"
     overrides = (*overrides, "export.enabled=false")
-    with BackgroundRun(train_command(killed, *overrides, tiny=False), env=subprocess_env()) as run:
-        run.wait_for(rf"saved checkpoint ckpt-{_setting(overrides, 'checkpoint.every_steps')}\b", timeout=180)
-        run.process.send_signal(signal.SIGKILL)
-        assert run.finish(timeout=30) == -signal.SIGKILL
+    first_checkpoint = _setting(overrides, "checkpoint.every_steps")
+    sigkill_after_checkpoint(train_command(killed, *overrides, tiny=False), first_checkpoint, env=subprocess_env())
     resumed = run_train(killed, *overrides, tiny=False)
     assert_ok(resumed)
     assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
