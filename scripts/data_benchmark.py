@@ -287,13 +287,10 @@ def baseline_command(data_set: DataSet, *, max_steps: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def evict(files: Sequence[str]) -> None:
     """Drop `files` from the page cache: written pages are synced first, then POSIX_FADV_DONTNEED."""
+    from harness.benchmarking import drop_from_page_cache
+
     os.sync()
-    for path in files:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
+    drop_from_page_cache(files)
 
 
 def cat_seconds(files: Sequence[str]) -> float:
