@@ -18,6 +18,8 @@ import tensorflow as tf
 
 from harness import assembly, config, inference
 from harness.chaos import compare_checkpoints
+from harness.errors import HarnessError
+from harness.tasks.language_model import generate_text
 from tests.background import sigkill_after_checkpoint
 from tests.conftest import (
     PROJECT_ROOT,
@@ -143,9 +145,12 @@ def test_language_model_generates_text_from_a_checkpoint(tmp_path: Path, referen
     assert_ok(first)
     assert first.stdout.startswith("The ") and len(first.stdout.rstrip("\n")) >= 40
     assert first.stdout == second.stdout  # same seed, same text
-    not_lm = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir / "nope"),
-                             "--prompt", "x"], capture_output=True, text=True, env=subprocess_env(), cwd=PROJECT_ROOT,
-                            timeout=120)
-    assert_ok(not_lm, code=2)
+    missing = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "generate.py"), str(run_dir / "nope"),
+                              "--prompt", "x"], capture_output=True, text=True, env=subprocess_env(),
+                             cwd=PROJECT_ROOT, timeout=120)
+    assert_ok(missing, code=2)
+    with pytest.raises(HarnessError, match=r"trained task 'classification' with 10 outputs: expected a byte-level "
+                                           r"language model"):
+        generate_text(inference.load(str(reference_run("classification"))), "x", length=1, temperature=0, seed=0)
 
 
