@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config import register_configs
+from harness.config.schema import register_configs
 
 PROCESS_STARTED = time.time()
 _main_entered = False  # Hydra composed the config: from here on, Hydra's own exit 1 means a crash
@@ -25,21 +25,28 @@ _main_entered = False  # Hydra composed the config: from here on, Hydra's own ex
 
 def train(cfg: DictConfig):
     """The whole run for a composed config; returns the controller's `Outcome`."""
-    from harness.config import to_typed_config
+    from harness.config.schema import to_typed_config
 
     run = to_typed_config(cfg)  # config errors surface before TensorFlow is imported
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
-    from harness import assembly, attempt, checkpoint_pacing, checkpointing, controller, data, export  # noqa: I001
-    from harness import loop, preemption, progress, run_dir, runtime, strategy, summaries, warm_start, watchdog
+    from harness import runtime
+    from harness.checkpoint import checkpointer, pacing
+    from harness.control import controller, progress, summaries
+    from harness.data import pipeline
+    from harness.distributed import strategy
+    from harness.operations import attempt, preemption, run_dir, watchdog
+    from harness.results import export
+    from harness.training import assembly, loop, warm_start
+
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
                               mixed_precision=run.trainer.mixed_precision)
     task_data = assembly.load_task_data(run)  # the task checks the targets
     task, examples = task_data.task, task_data.examples
-    pipeline = data.build_input(examples, run.data, seed=run.seed, num_replicas=dist.num_replicas_in_sync)
+    inputs = pipeline.build_input(examples, run.data, seed=run.seed, num_replicas=dist.num_replicas_in_sync)
 
     if run.export.enabled and is_chief:
         export.check_export_dir(run.export.dir)  # not hours of training first
@@ -49,10 +56,10 @@ def train(cfg: DictConfig):
 
     # Lease on checkpoint.dir and crash-loop check first: a refused start writes nothing.
     with attempt.Attempt(run, is_chief=is_chief, process_started=PROCESS_STARTED) as this_attempt:
-        checkpointer = checkpointing.Checkpointer.from_config(
+        checkpoints = checkpointer.Checkpointer.from_config(
             train_state, run.checkpoint, async_save=run.checkpoint_async, is_chief=is_chief,
             provenance=this_attempt.provenance_text, before_write=this_attempt.before_write)
-        start_step = checkpointer.restore_latest(verify=this_attempt.verify_resume).step  # refuses before any write
+        start_step = checkpoints.restore_latest(verify=this_attempt.verify_resume).step  # refuses before any write
         strategy.check_workers_restored_the_same_step(dist, start_step, checkpoint_dir=run.checkpoint.dir)
         warm_start.warm_start_fresh_run(model, init_from=run.init_from, skip=run.init_from_skip,
                                         name_map=run.init_from_name_map, resumed_step=start_step)
@@ -62,7 +69,7 @@ def train(cfg: DictConfig):
                                           input_dtype=examples.input_dtype, task=task)
         this_attempt.begin(start_step or 0)
 
-        train_loop, eval_loop = loop.build_loops(dist, task, train_state, pipeline, seed=run.seed,
+        train_loop, eval_loop = loop.build_loops(dist, task, train_state, inputs, seed=run.seed,
                                                  jit_compile=run.trainer.jit_compile,
                                                  steps_per_loop=run.trainer.steps_per_loop)
         with preemption.PreemptionWatcher(run.preemption.signals, exit_code=run.preemption.exit_code) as watcher, \
@@ -73,9 +80,9 @@ def train(cfg: DictConfig):
                 tensorboard.hparams(run.resolved)
             tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())
             outcome = controller.Controller(
-                strategy=dist, task=task, state=train_state, pipeline=pipeline, train_loop=train_loop,
-                eval_loop=eval_loop, checkpointer=checkpointer,
-                save_pacer=checkpoint_pacing.SavePacer.from_config(run.checkpoint, start_step=start_step or 0),
+                strategy=dist, task=task, state=train_state, pipeline=inputs, train_loop=train_loop,
+                eval_loop=eval_loop, checkpointer=checkpoints,
+                save_pacer=pacing.SavePacer.from_config(run.checkpoint, start_step=start_step or 0),
                 summaries=tensorboard,
                 progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
                                            max_steps=run.trainer.max_steps, enabled=is_chief),
@@ -94,7 +101,7 @@ def main(cfg: DictConfig) -> None:
     _main_entered = True
     logging.raiseExceptions = False  # a full disk under train.log must not print a traceback per log line
     from harness.errors import exit_code_of
-    from harness.process_exit import exit_process, ignore_signals_while_exiting
+    from harness.operations.process_exit import exit_process, ignore_signals_while_exiting
 
     exit_code = exit_code_of(train, cfg)
     if exit_code == 0 and HydraConfig.get().mode == RunMode.MULTIRUN:

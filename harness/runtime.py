@@ -2,7 +2,7 @@
 
 Owns: everything that must be set once, before models are built. With `deterministic=true` on
 CPU, the same config gives bit-identical results, including across kill-and-resume (the rest of
-that guarantee comes from `harness/state.py` and `harness/data.py`).
+that guarantee comes from `harness/training/state.py` and `harness/data/pipeline.py`).
 """
 
 from __future__ import annotations

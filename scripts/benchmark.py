@@ -5,7 +5,7 @@
 
 Prints markdown tables of medians and ratios; docs/benchmarks.md records a run and the machine.
 The timing method (interleaving, start-up cancelled by (t(N2) - t(N1)) / (N2 - N1)) is described
-in harness/benchmarking.py. Run it on a quiet machine when you can; it reports the load average.
+in scripts/tooling/benchmarking.py. Run it on a quiet machine when you can; it reports the load average.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import benchmarking as bench
+from scripts.tooling import benchmarking as bench
 
 SECTIONS = ("throughput", "stall", "restore", "startup", "checkpoint", "data")
 # train.py as a user would run it for speed: 100 steps per tf.function call, a log line and a

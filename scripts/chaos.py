@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.chaos import compare_checkpoints, reference_command, run_attempt, run_chaos
+from scripts.tooling.chaos import compare_checkpoints, reference_command, run_attempt, run_chaos
 
 
 def _override(command: list[str], key: str) -> str | None:
@@ -29,7 +29,7 @@ def _override(command: list[str], key: str) -> str | None:
 
 
 def _newest_checkpoint(command: list[str]) -> str:
-    from harness.checkpointing import list_checkpoints
+    from harness.checkpoint.checkpointer import list_checkpoints
 
     directory = _override(command, "checkpoint.dir") or f"{_override(command, 'run_dir')}/checkpoints"
     found = list_checkpoints(directory)

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # a second sooner (harness/lean_import.py)
-    from harness.record_conversion import convert_to_array_record
+    from harness.data.record_conversion import convert_to_array_record
 
     summary = convert_to_array_record(args.input, args.output_dir, records_per_shard=args.records_per_shard,
                                       num_shards=args.num_shards, features_key=args.features_key,

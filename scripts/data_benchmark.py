@@ -113,7 +113,7 @@ def ensure_data_set(name: str, root: str, num_records: int, *, with_npz: bool) -
                 return data_set
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    from harness.record_conversion import write_synthetic_shards
+    from harness.data.record_conversion import write_synthetic_shards
 
     started = time.perf_counter()
     print(f"generating {name}: {num_records} records into {root}", file=sys.stderr, flush=True)
@@ -123,7 +123,7 @@ def ensure_data_set(name: str, root: str, num_records: int, *, with_npz: bool) -
     if with_npz:
         import numpy as np
 
-        from harness.record_files import RecordShards
+        from harness.data.record_files import RecordShards
 
         with RecordShards(os.path.join(data_set.array_record_dir, "data-*"), features_key="features",
                           labels_key="labels") as shards:
@@ -209,7 +209,7 @@ def run_measured(command: list[str], run_dir: str) -> RunResult:
 
 
 def tensorboard_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of `tag` in the event files of `log_dir` (simple_value scalars, as harness/summaries.py writes)."""
+    """(step, value) of `tag` in the event files of `log_dir` (simple_value scalars, as the harness writes)."""
     from tensorboard.compat.proto import event_pb2
 
     points = []
@@ -287,7 +287,7 @@ def baseline_command(data_set: DataSet, *, max_steps: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def evict(files: Sequence[str]) -> None:
     """Drop `files` from the page cache: written pages are synced first, then POSIX_FADV_DONTNEED."""
-    from harness.benchmarking import drop_from_page_cache
+    from scripts.tooling.benchmarking import drop_from_page_cache
 
     os.sync()
     drop_from_page_cache(files)
@@ -318,7 +318,7 @@ def harness_read_rate(data_set: DataSet, *, seconds: float, threads: int = 4) ->
     evicted after opening, for about `seconds` or until all are read."""
     import numpy as np
 
-    from harness.record_files import RecordShards
+    from harness.data.record_files import RecordShards
 
     files = data_set.array_record_files
     bytes_per_record = data_set.megabytes(files) * 1e6 / data_set.num_records

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # a second sooner (harness/lean_import.py)
-    from harness import export, inference
+    from harness.results import export, inference
 
     loaded = inference.load(args.run_dir, inference.checkpoint_argument(args.checkpoint))
     paths = export.export_model(loaded.model, args.output or os.path.join(args.run_dir, "export"), task=loaded.task,

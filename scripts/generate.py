@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # a second sooner (harness/lean_import.py)
-    from harness import inference
-    from harness.tasks.language_model import generate_text
+    from harness.results import inference
+    from harness.results.generation import generate_text
 
     loaded = inference.load(args.run_dir, inference.checkpoint_argument(args.checkpoint))
     print(args.prompt + generate_text(loaded, args.prompt, length=max(0, args.length),

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # a second sooner (harness/lean_import.py)
-    from harness import inspection
+    from harness.results import inspection
 
     located = inspection.locate(args.path)
     print("\n".join(inspection.format_listing(located, inspection.describe(located))), flush=True)

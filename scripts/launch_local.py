@@ -6,7 +6,7 @@
 Each worker gets a free loopback port and its own `TF_CONFIG`; `strategy=multi_worker` is added
 to the overrides unless they choose a strategy. Output lines are prefixed `[worker0]`, ...; the
 launcher's own lines `[gang]`. SIGTERM, SIGINT and SIGUSR1 are forwarded to every worker; if one
-worker fails, the others are killed after `--grace-seconds` (see harness/gang.py). Exit code: 0
+worker fails, the others are killed after `--grace-seconds` (see harness/distributed/gang.py). Exit code: 0
 when all finished, the preemption code (42) if the gang was stopped by a signal after saving,
 else the first failing worker's code. Rerun the same command to resume.
 """
@@ -20,7 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import cluster, gang  # after the path set-up above
+from harness.distributed import (
+    cluster,
+    gang,  # after the path set-up above
+)
 from harness.errors import ExitCode
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # a second sooner (harness/lean_import.py)
-    from harness import inference
+    from harness.results import inference
 
     loaded = inference.load(args.run_dir, inference.checkpoint_argument(args.checkpoint))
     features = inference.read_inputs(args.inputs, loaded.input_shape, dtype=loaded.input_dtype)

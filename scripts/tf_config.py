@@ -7,7 +7,7 @@
     # explicit addresses, e.g. hand-started VMs:
     export TF_CONFIG="$(python scripts/tf_config.py --index 1 --hosts 10.0.0.5:2222,10.0.0.6:2222)"
 
-Worker 0 is the chief. Thin wrapper over `harness.cluster`.
+Worker 0 is the chief. Thin wrapper over `harness.distributed.cluster`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import cluster  # after the path set-up above
+from harness.distributed import cluster  # after the path set-up above
 
 
 def main(argv: list[str]) -> int:

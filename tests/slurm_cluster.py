@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import cluster
+from harness.distributed import cluster
 
 NODE_NAME = "harness-node0"
 CRED_EXPIRE_SECONDS = 8  # a requeued job waits this + 1 s (Slurm's default is 120)

@@ -1,4 +1,4 @@
-"""harness/attempt.py: what an attempt records when it ends before training began.
+"""harness/operations/attempt.py: what an attempt records when it ends before training began.
 
 A start refused with a `HarnessError` (a mismatched checkpoint, a refused config change) must leave
 `run_record.json` byte for byte as it was, even when the previous attempt was killed and so is
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.attempt import Attempt
-from harness.config import to_typed_config
+from harness.config.schema import to_typed_config
 from harness.errors import CheckpointError
-from harness.run_record import RECORD_FILE, RunAccounting
+from harness.operations.attempt import Attempt
+from harness.operations.run_record import RECORD_FILE, RunAccounting
 from tests.conftest import compose
 
 

@@ -1,10 +1,10 @@
-"""harness/chaos.py's bookkeeping: what counts as a kill, and where the reference run writes."""
+"""scripts/tooling/chaos.py's bookkeeping: what counts as a kill, and where the reference run writes."""
 
 from __future__ import annotations
 
 import pytest
 
-from harness.chaos import Attempt, ChaosReport, reference_command
+from scripts.tooling.chaos import Attempt, ChaosReport, reference_command
 
 
 def attempt(exit_code: int, signal_sent: str | None) -> Attempt:

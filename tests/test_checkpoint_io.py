@@ -13,9 +13,9 @@ import keras
 import pytest
 import tensorflow as tf
 
-from harness import checkpointing
-from harness.checkpointing import Checkpointer, collective_read_variables
-from harness.state import TrainState, create_train_state
+from harness.checkpoint import checkpointer as checkpointing
+from harness.checkpoint.checkpointer import Checkpointer, collective_read_variables
+from harness.training.state import TrainState, create_train_state
 
 
 def small_state() -> TrainState:

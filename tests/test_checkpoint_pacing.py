@@ -1,4 +1,4 @@
-"""Checkpoint pacing (harness/checkpoint_pacing.py): by steps, by wall time, within an overhead budget.
+"""Checkpoint pacing (harness/checkpoint/pacing.py): by steps, by wall time, within an overhead budget.
 
 The pacer runs on an injected clock, so these tests decide what time it is: no timing assertions.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkpoint_pacing import SavePacer
+from harness.checkpoint.pacing import SavePacer
 from harness.errors import ConfigError
 from tests.conftest import assert_ok, compose, run_train
 
@@ -65,7 +65,7 @@ def test_every_seconds_saves_between_step_multiples() -> None:
 def test_max_overhead_stretches_the_interval_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     pacer = SavePacer(every_steps=10, max_overhead=0.05, clock=clock)
-    with caplog.at_level(logging.INFO, logger="harness.checkpoint_pacing"):
+    with caplog.at_level(logging.INFO, logger="harness.checkpoint.pacing"):
         saves = train(pacer, clock, until=1000, seconds_per_step=1.0, save_seconds=2.0)
     # A 2-s save within 5 % needs >= 40 s of training between saves: every 40 steps once measured.
     assert saves[0] == 10 and pacer.interval_steps == 40
@@ -94,7 +94,7 @@ def test_a_rollback_replays_saves_from_the_restored_step() -> None:
                                                ("checkpoint.max_overhead=1.5", "checkpoint.max_overhead"),
                                                ("checkpoint.max_overhead=0", "checkpoint.max_overhead")])
 def test_bad_pacing_settings_are_refused(override: str, key: str) -> None:
-    from harness.config import to_typed_config
+    from harness.config.schema import to_typed_config
 
     with pytest.raises(ConfigError, match=key):
         to_typed_config(compose(override))

@@ -121,7 +121,7 @@ def test_a_dead_workers_private_save_directory_is_removed_and_a_live_ones_kept(t
     import subprocess
     import sys
 
-    from harness.checkpointing import remove_dead_workers_writes
+    from harness.checkpoint.checkpointer import remove_dead_workers_writes
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, live = (tmp_path / f"harness-worker-ckpt-{pid}-7f00" for pid in (int(finished.stdout), os.getpid()))

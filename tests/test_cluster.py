@@ -1,4 +1,4 @@
-"""harness/cluster.py: TF_CONFIG for local gangs, Kubernetes Indexed Jobs and Slurm job steps."""
+"""harness/distributed/cluster.py: TF_CONFIG for local gangs, Kubernetes Indexed Jobs and Slurm job steps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from harness import cluster
+from harness.distributed import cluster
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness import inference, modeling
 from harness.errors import ConfigError
-from harness.state import model_weights_tree
+from harness.results import inference
+from harness.training import modeling
+from harness.training.state import model_weights_tree
 from models.residual_mlp import ResidualBlock
 from tests.conftest import assert_ok, checkpoint_values, run_train
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness.config import SyntheticDataConfig
-from harness.data import SeekableInput
-from harness.data_sources import synthetic
+from harness.config.schema import SyntheticDataConfig
+from harness.data.in_memory_sources import synthetic
+from harness.data.pipeline import SeekableInput
 from harness.errors import ConfigError
 
 

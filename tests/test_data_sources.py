@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness import config
-from harness.config import DiabetesDataConfig, DigitsDataConfig, NpzDataConfig, TextDataConfig, TFRecordDataConfig
-from harness.data_sources import load_examples
+from harness.config import schema as config
+from harness.config.schema import (
+    DiabetesDataConfig,
+    DigitsDataConfig,
+    NpzDataConfig,
+    TextDataConfig,
+    TFRecordDataConfig,
+)
+from harness.data.in_memory_sources import load_examples
 from harness.errors import DataError
 from harness.tasks.classification import Classification
 from harness.tasks.regression import Regression

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import cluster
-from harness.checkpointing import CHECKPOINT_NAME, list_checkpoints
+from harness.checkpoint.checkpointer import CHECKPOINT_NAME, list_checkpoints
+from harness.distributed import cluster
 from harness.errors import ExitCode
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, assert_ok, checkpoint_values, run_train, subprocess_env, train_command
@@ -104,8 +104,8 @@ def single_device_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _identifiable_input(*, num_train: int, num_eval: int, global_batch_size: int, num_replicas: int):
     import tensorflow as tf
 
-    from harness.data import SeekableInput
-    from harness.data_sources import ExampleArrays
+    from harness.data.in_memory_sources import ExampleArrays
+    from harness.data.pipeline import SeekableInput
 
     def features(count: int, offset: int) -> np.ndarray:  # feature 0 is the example's id
         return np.repeat(np.arange(offset, offset + count, dtype=np.float32)[:, None], 3, axis=1)
@@ -164,8 +164,8 @@ def test_a_non_chief_saves_to_a_private_directory_that_exists_only_during_the_sa
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import keras
 
-    from harness.checkpointing import Checkpointer
-    from harness.state import create_train_state
+    from harness.checkpoint.checkpointer import Checkpointer
+    from harness.training.state import create_train_state
 
     tmpdir, checkpoint_dir = tmp_path / "tmp", tmp_path / "checkpoints"
     tmpdir.mkdir()
@@ -223,7 +223,7 @@ def test_multi_worker_completes_with_one_copy_of_checkpoints(tmp_path: Path, sin
     assert max_difference(single_device_run / "checkpoints" / "ckpt-300", run_dir / "checkpoints" / "ckpt-300") \
         < TOLERANCE
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1, "only the chief writes events"
-    exports = [line for line in output.splitlines() if "harness.export" in line and "exported" in line]
+    exports = [line for line in output.splitlines() if "harness.results.export" in line and "exported" in line]
     assert len(exports) == 1 and exports[0].startswith("[worker0] "), "only the chief exports"
 
 

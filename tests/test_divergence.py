@@ -1,4 +1,4 @@
-"""harness/divergence.py: which step diverged, and the rollback plan as a pure function of it."""
+"""harness/training/divergence.py: which step diverged, and the rollback plan as a pure function of it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from harness.divergence import Divergence, first_divergence, plan_rollback
+from harness.training.divergence import Divergence, first_divergence, plan_rollback
 
 
 @pytest.mark.parametrize(("bad_loss", "reason"), [(math.nan, "NaN"), (math.inf, "infinite"), (-math.inf, "infinite")])

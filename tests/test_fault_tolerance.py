@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.chaos import compare_checkpoints, run_attempt, run_chaos
+from scripts.tooling.chaos import compare_checkpoints, run_attempt, run_chaos
 from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,

@@ -1,4 +1,4 @@
-"""Data bigger than memory: ArrayRecord shards and token files read by index (harness/file_sources.py).
+"""Data bigger than memory: ArrayRecord shards and token files read by index (harness/data/file_sources.py).
 
 In-process: file-backed batches are the in-memory batches, for any number of input pipelines, and
 the eval split is covered once. End to end with real processes: a SIGKILLed array_record run
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness.chaos import compare_checkpoints
-from harness.config import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
-from harness.data import SeekableInput
-from harness.data_sources import load_examples
-from harness.file_sources import array_record, text_file, tokens
-from harness.record_conversion import write_array_shards
+from harness.config.schema import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
+from harness.data.file_sources import array_record, text_file, tokens
+from harness.data.in_memory_sources import load_examples
+from harness.data.pipeline import SeekableInput
+from harness.data.record_conversion import write_array_shards
+from scripts.tooling.chaos import compare_checkpoints
 from tests.background import BackgroundRun, sigkill_after_checkpoint
 from tests.conftest import (
     PROJECT_ROOT,

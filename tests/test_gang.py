@@ -1,4 +1,4 @@
-"""harness/gang.py with real processes and real signals (small Python workers, no TensorFlow)."""
+"""harness/distributed/gang.py with real processes and real signals (small Python workers, no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.gang import gang_exit_code, preemption_exit_code_of
+from harness.distributed.gang import gang_exit_code, preemption_exit_code_of
 from tests.background import BackgroundRun
 from tests.conftest import subprocess_env
 
@@ -26,7 +26,7 @@ def gang_command(*workers: list[str], grace_seconds: float = 60) -> list[str]:
     """A Python process running a `Gang` of the given worker commands."""
     program = textwrap.dedent(f"""
         import os, sys
-        from harness.gang import Gang, WorkerSpec
+        from harness.distributed.gang import Gang, WorkerSpec
         workers = [WorkerSpec(name=f"w{{i}}", command=command, env=dict(os.environ)) for i, command in
                    enumerate({list(workers)!r})]
         sys.exit(Gang(workers, preemption_exit_code=42, grace_seconds={grace_seconds}).run())

@@ -18,8 +18,8 @@ import tensorflow as tf
 import yaml
 
 import harness
-from harness import inference
 from harness.errors import CheckpointError, DataError, HarnessError
+from harness.results import inference
 from tests.conftest import PROJECT_ROOT, assert_ok, checkpoint_values, run_train, subprocess_env
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import assembly, config, inspection, provenance
-from harness import run_dir as run_files
-from harness.checkpointing import Checkpointer
+from harness.checkpoint import provenance
+from harness.checkpoint.checkpointer import Checkpointer
+from harness.config import schema as config
 from harness.errors import CheckpointError
-from harness.run_record import RunAccounting
+from harness.operations import run_dir as run_files
+from harness.operations.run_record import RunAccounting
+from harness.results import inspection
+from harness.training import assembly
 from tests.conftest import PROJECT_ROOT, TINY, assert_ok, compose, subprocess_env
 
 SCRIPT = PROJECT_ROOT / "scripts" / "inspect_checkpoint.py"

@@ -23,7 +23,7 @@ def test_a_run_imports_tensorflow_and_keras_but_not_scikit_learn(tmp_path: Path)
                             timeout=240)
     assert_ok(result)
     imported = imported_modules(result.stderr)
-    assert {"tensorflow", "keras.src", "harness.controller"} <= imported
+    assert {"tensorflow", "keras.src", "harness.control.controller"} <= imported
     assert not {name for name in imported if name.startswith(("sklearn.", "IPython."))}, "imported for nothing"
 
 

@@ -1,4 +1,4 @@
-"""harness/lease.py for real: lease files in tmp_path, a second Lease renewing from its own thread, a
+"""harness/operations/lease.py for real: lease files in tmp_path, a second Lease renewing from its own thread, a
 holder on another host written by hand, and a holder process that really died. Short real timings
 (renew every 0.2 s, expiry after 1 s) keep each test to a second or two."""
 
@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from harness.errors import CheckpointError, ExitCode, LeaseConflictError
-from harness.lease import LEASE_FILE, Lease, _machine_identity
+from harness.operations.lease import LEASE_FILE, Lease, _machine_identity
 
 RENEW_SECONDS = 0.2
 EXPIRY_SECONDS = 1.0
@@ -119,7 +119,7 @@ def test_a_silent_holder_on_another_host_is_waited_out_then_taken_over(tmp_path:
     last_renewed = time.time() - 0.5  # half expired already
     write_lease(tmp_path, host="other-host", pid=4242, heartbeat=last_renewed, token="silent")
     lease = fast_lease(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="harness.lease"):
+    with caplog.at_level(logging.WARNING, logger="harness.operations.lease"):
         lease.acquire()
     try:
         assert time.time() - last_renewed >= EXPIRY_SECONDS  # waited the expiry out
@@ -152,7 +152,7 @@ def test_a_holder_on_this_host_whose_process_died_is_taken_over_at_once(tmp_path
     # A fresh heartbeat and a 30 s expiry: only the dead process lets the lease go early.
     lease = fast_lease(tmp_path, expiry_seconds=30.0)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="harness.lease"):
+    with caplog.at_level(logging.WARNING, logger="harness.operations.lease"):
         lease.acquire()
     try:
         assert time.monotonic() - started < 1.5

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.chaos import compare_checkpoints
-from harness.checkpointing import list_checkpoints, read_provenance
+from harness.checkpoint.checkpointer import list_checkpoints, read_provenance
 from harness.errors import ExitCode
-from harness.inspection import format_run_record
+from harness.results.inspection import format_run_record
+from scripts.tooling.chaos import compare_checkpoints
 from tests.conftest import PROJECT_ROOT, assert_ok, checkpoint_values, event_scalars, run_train, subprocess_env
 from tests.conftest import train_command as conftest_train_command
 from tests.fault_models import MARKER
@@ -43,8 +43,8 @@ def write_marked_data(directory: Path, *, marked_step: int | None = MARKED_STEP,
     """
     import tensorflow as tf
 
-    from harness.data import SeekableInput
-    from harness.data_sources import ExampleArrays
+    from harness.data.in_memory_sources import ExampleArrays
+    from harness.data.pipeline import SeekableInput
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(NUM_TRAIN, 16)).astype(np.float32)

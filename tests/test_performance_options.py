@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.chaos import compare_checkpoints, run_attempt
+from scripts.tooling.chaos import compare_checkpoints, run_attempt
 from tests.conftest import PROJECT_ROOT, assert_ok, checkpoint_values, run_train, subprocess_env, train_command
 
 EXACT = ("deterministic=true", "export.enabled=false", "trainer.progress=log")
@@ -106,9 +106,9 @@ def test_step_iterator_yields_the_batches_of_the_tf_data_pipeline() -> None:
     """data.prefetch=0 (batches gathered inside the step) and >0 (tf.data) feed identical batches."""
     import tensorflow as tf
 
-    from harness.config import SyntheticDataConfig
-    from harness.data import SeekableInput, StepIterator
-    from harness.data_sources import synthetic
+    from harness.config.schema import SyntheticDataConfig
+    from harness.data.in_memory_sources import synthetic
+    from harness.data.pipeline import SeekableInput, StepIterator
 
     examples = synthetic(SyntheticDataConfig(input_dim=4, num_examples=200, eval_examples=40))
     strategy = tf.distribute.get_strategy()
@@ -141,8 +141,8 @@ def test_step_iterator_yields_the_batches_of_the_tf_data_pipeline() -> None:
 def test_mixed_float16_wraps_the_optimizer_and_checkpoints_the_loss_scale() -> None:
     import keras
 
-    from harness import optimization, state
-    from harness.config import AdamConfig
+    from harness.config.schema import AdamConfig
+    from harness.training import optimization, state
     from models.mlp import build_mlp
 
     previous = keras.mixed_precision.global_policy()

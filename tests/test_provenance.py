@@ -1,4 +1,4 @@
-"""harness/provenance.py: which config changes a resume may make, and the record saved with every
+"""harness/checkpoint/provenance.py: which config changes a resume may make, and the record saved with every
 checkpoint. Configs are plain nested dicts (as `OmegaConf.to_container(resolve=True)` gives), plus
 one test over the real composed config so the free/guarded split is checked against the schema."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from harness import provenance
+from harness.checkpoint import provenance
+from harness.checkpoint.provenance import check_resume, config_changes, from_text, harness_version, to_text
 from harness.errors import ConfigError, ExitCode
-from harness.provenance import check_resume, config_changes, from_text, harness_version, to_text
 from tests.conftest import PROJECT_ROOT, compose
 
 SAVED = {
@@ -63,7 +63,7 @@ def test_config_changes_lists_every_differing_leaf_sorted_by_key() -> None:
 def test_free_keys_may_change_and_every_change_is_logged(caplog) -> None:
     current = changed(run_dir="outputs/b", trainer__max_steps=100, data__prefetch=4,
                       checkpoint__dir="gs://bucket/b", checkpoint__every_steps=50)
-    with caplog.at_level(logging.INFO, logger="harness.provenance"):
+    with caplog.at_level(logging.INFO, logger="harness.checkpoint.provenance"):
         accepted = check_resume(saved_provenance(), current, checkpoint="ckpt-20", allow=[])
     assert [change.key for change in accepted] == [
         "checkpoint.dir", "checkpoint.every_steps", "data.prefetch", "run_dir", "trainer.max_steps"]
@@ -119,7 +119,7 @@ def test_a_key_the_schema_gained_since_the_checkpoint_is_guarded() -> None:
                                    ["optimizer.*", "model.*"], ["optimizer", "model"]], ids=["keys", "globs", "groups"])
 def test_allowed_changes_are_accepted_and_logged_as_allowed(caplog, allow: list[str]) -> None:
     current = changed(optimizer__learning_rate=0.01, optimizer__schedule__name="cosine", model__hidden=[64])
-    with caplog.at_level(logging.INFO, logger="harness.provenance"):
+    with caplog.at_level(logging.INFO, logger="harness.checkpoint.provenance"):
         accepted = check_resume(saved_provenance(), current, checkpoint="ckpt", allow=allow)
     assert [change.key for change in accepted] == ["model.hidden", "optimizer.learning_rate", "optimizer.schedule.name"]
     assert "optimizer.learning_rate: 0.001 -> 0.01 (allowed by resume.allow_config_change)" in caplog.text
@@ -140,7 +140,7 @@ def test_a_checkpoint_without_provenance_is_accepted_with_a_warning(caplog) -> N
 
 def test_a_changed_harness_version_is_logged_not_refused(caplog) -> None:
     record = {**saved_provenance(), "harness_version": "git:0000000000000000000000000000000000000000"}
-    with caplog.at_level(logging.INFO, logger="harness.provenance"):
+    with caplog.at_level(logging.INFO, logger="harness.checkpoint.provenance"):
         assert check_resume(record, changed(), checkpoint="ckpt", allow=[]) == []
     assert f"harness version changed since the checkpoint: git:{'0' * 40} -> {harness_version()}" in caplog.text
 
@@ -176,7 +176,7 @@ def test_harness_version_is_the_commit_of_this_checkout() -> None:
 def test_harness_version_outside_git_and_in_a_dirty_tree(tmp_path: Path, monkeypatch) -> None:
     uncached = harness_version.__wrapped__  # the cached value belongs to this checkout
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no enclosing repo
-    monkeypatch.setattr(provenance, "_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setattr(provenance, "PROJECT_ROOT", str(tmp_path))
     assert uncached() == "unknown"
 
     def git(*args: str) -> str:
@@ -217,7 +217,7 @@ def test_build_provenance_records_config_overrides_and_versions() -> None:
 
 
 def test_checkpoints_from_before_tasks_and_data_records_resume_as_the_classification_they_were() -> None:
-    from harness.provenance import config_changes
+    from harness.checkpoint.provenance import config_changes
 
     saved = {"model": {"hidden": [32]}, "data": {"name": "synthetic"}}  # written before the task group existed
     current = {"model": {"hidden": [32]},

@@ -20,9 +20,9 @@ import pytest
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from harness.data.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
+from harness.data.record_files import RecordShards
 from harness.errors import DataError
-from harness.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
-from harness.record_files import RecordShards
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
 
@@ -136,7 +136,7 @@ def test_synthetic_shards_for_benchmarks(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kinds", [("float64", "int64"), ("int16", "float32")])
 def test_rows_are_encoded_as_protobuf_would(kinds: tuple[str, str]) -> None:
     """The converter writes Examples without protobuf objects: the bytes must decode to the same message."""
-    from harness.record_conversion import _serialize_rows
+    from harness.data.record_conversion import _serialize_rows
 
     features = (np.random.default_rng(0).standard_normal((3, 2, 2)) * 100).astype(kinds[0])
     labels = np.array([[0, -5], [2**40, 1], [7, 3]]).astype(kinds[1])[:, : 1 if kinds[1] == "int64" else 2]

@@ -1,4 +1,4 @@
-"""harness/run_record.py: restart accounting across attempts, each attempt a fresh RunAccounting on
+"""harness/operations/run_record.py: restart accounting across attempts, each attempt a fresh RunAccounting on
 the same run_dir (as a restarted process has), checked through run_record.json on disk.
 
 An attempt that was killed is one that never called `finish`: the file it leaves is exactly what a
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import CrashLoopError, ExitCode
-from harness.run_record import RECORD_FILE, RunAccounting, RunRecord, read_record
+from harness.operations.run_record import RECORD_FILE, RunAccounting, RunRecord, read_record
 
 
 def accounting(run_dir: Path, *, max_crash_restarts: int = 3, fingerprint: str = "config-a",

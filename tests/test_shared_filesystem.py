@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkpointing import list_checkpoints, read_provenance
+from harness.checkpoint.checkpointer import list_checkpoints, read_provenance
 from harness.errors import ExitCode
 from tests.background import BackgroundRun
 from tests.conftest import assert_ok, checkpoint_values, event_scalars, run_train, subprocess_env, train_command
@@ -215,9 +215,9 @@ def test_the_checkpointer_retries_then_gives_up_and_leaves_no_partial_checkpoint
     at the next save or wait, where it must count (not reset the count) and be cleaned up."""
     import keras
 
-    from harness.checkpointing import Checkpointer
+    from harness.checkpoint.checkpointer import Checkpointer
     from harness.errors import StorageError
-    from harness.state import create_train_state
+    from harness.training.state import create_train_state
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64, name="dense")])
     state = create_train_state(model, keras.optimizers.Adam())

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checkpointing import list_checkpoints
+from harness.checkpoint.checkpointer import list_checkpoints
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, checkpoint_values, subprocess_env
 from tests.slurm_cluster import NODE_NAME, SlurmCluster, ensure_installed
@@ -51,7 +51,7 @@ def sbatch_directives(path: Path) -> dict[str, str]:
 
 
 def test_slurm_script_syntax_and_directives() -> None:
-    from harness.config import PreemptionConfig
+    from harness.config.schema import PreemptionConfig
 
     assert subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True).returncode == 0
     directives = sbatch_directives(SLURM_SCRIPT)

@@ -1,11 +1,11 @@
-"""harness/state.py: the skip schedule that divergence rollbacks write, and the input position it gives."""
+"""harness/training/state.py: the skip schedule that divergence rollbacks write, and the input position it gives."""
 
 from __future__ import annotations
 
 import keras
 import pytest
 
-from harness.state import MAX_SKIPS, create_train_state
+from harness.training.state import MAX_SKIPS, create_train_state
 
 
 @pytest.fixture

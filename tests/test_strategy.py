@@ -1,4 +1,4 @@
-"""harness/strategy.py: strategy choice and the errors a user can fix (in-process, before any TF runtime use).
+"""harness/distributed/strategy.py: choice and the errors a user can fix (in-process, before any TF runtime use).
 
 The strategies themselves train for real in tests/test_distributed.py.
 """
@@ -10,8 +10,9 @@ import re
 
 import pytest
 
-from harness import config, strategy
-from harness.config import StrategyConfig
+from harness.config import schema as config
+from harness.config.schema import StrategyConfig
+from harness.distributed import strategy
 from harness.errors import ConfigError
 from tests.conftest import compose
 

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness import assembly, config, inference
-from harness.chaos import compare_checkpoints
+from harness.config import schema as config
 from harness.errors import HarnessError
-from harness.tasks.language_model import generate_text
+from harness.results import inference
+from harness.results.generation import generate_text
+from harness.training import assembly
+from scripts.tooling.chaos import compare_checkpoints
 from tests.background import sigkill_after_checkpoint
 from tests.conftest import (
     PROJECT_ROOT,

@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness import config, inference
-from harness.chaos import compare_checkpoints
-from harness.data_sources import ExampleArrays
+from harness.config import schema as config
+from harness.data.in_memory_sources import ExampleArrays
 from harness.errors import ConfigError, DataError
+from harness.results import inference
 from harness.tasks import build_task, check_model_fits
 from harness.tasks.classification import Classification
 from harness.tasks.language_model import LanguageModel
 from harness.tasks.regression import Regression
+from scripts.tooling.chaos import compare_checkpoints
 from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,
@@ -61,8 +62,8 @@ def test_task_settings_are_checked() -> None:
         build_task(config.to_typed_config(compose("task=regression", "task.loss=l3", tiny=False)).task)
     with pytest.raises(ConfigError, match=r"'task._target_' = 'nowhere.Task' cannot be imported"):
         build_task({"_target_": "nowhere.Task"})
-    with pytest.raises(ConfigError, match=r"'task._target_' = 'harness.data.Batch' is not a subclass"):
-        build_task({"_target_": "harness.data.Batch"})
+    with pytest.raises(ConfigError, match=r"'task._target_' = 'harness.data.pipeline.Batch' is not a subclass"):
+        build_task({"_target_": "harness.data.pipeline.Batch"})
     with pytest.raises(ConfigError, match=r"'task.depth' is not an argument"):
         build_task({"_target_": "harness.tasks.regression.Regression", "depth": 3})
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.data.token_files import TokenFile
 from harness.errors import DataError
-from harness.token_files import TokenFile
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32"])

@@ -1,4 +1,4 @@
-"""harness/watchdog.py: phase limits in-process (the watchdog thread is never started here: a hang
+"""harness/operations/watchdog.py: phase limits in-process (the watchdog thread is never started here: a hang
 would end pytest itself), and the real hang in a child process, which must exit with code 4 after a
 stack dump and the on_hang callback."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import WatchdogConfig
+from harness.config.schema import WatchdogConfig
 from harness.errors import ExitCode
-from harness.watchdog import Watchdog
+from harness.operations.watchdog import Watchdog
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
 
@@ -76,8 +76,8 @@ def test_a_phase_that_raises_is_not_measured() -> None:
 # ---------------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import logging, sys, time
-    from harness.config import WatchdogConfig
-    from harness.watchdog import Watchdog
+    from harness.config.schema import WatchdogConfig
+    from harness.operations.watchdog import Watchdog
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     marker, mode = sys.argv[1], sys.argv[2]

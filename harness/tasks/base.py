@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from harness.data_sources import ExampleArrays
+from harness.data.in_memory_sources import ExampleArrays
 from harness.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from harness.data_sources import ExampleArrays
+from harness.data.in_memory_sources import ExampleArrays
 from harness.errors import DataError
 from harness.tasks.base import Task
 

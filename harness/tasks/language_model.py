@@ -5,18 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from harness.data_sources import BYTE_VOCABULARY, ExampleArrays
-from harness.errors import DataError, HarnessError
+from harness.data.in_memory_sources import ExampleArrays
+from harness.errors import DataError
 from harness.tasks.base import Task
-
-if TYPE_CHECKING:
-    from harness.inference import LoadedModel
 
 
 class LanguageModel(Task):
@@ -108,14 +105,3 @@ def generate(model: keras.Model, prompt: list[int], *, length: int, context: int
         probabilities = np.exp((logits - logits.max()) / temperature)
         tokens.append(int(rng.choice(len(probabilities), p=probabilities / probabilities.sum())))
     return tokens[len(prompt):]
-
-
-def generate_text(loaded: LoadedModel, prompt: str, *, length: int, temperature: float, seed: int) -> str:
-    """A byte-level language-model run's continuation of `prompt` (UTF-8), decoded leniently."""
-    if not isinstance(loaded.task, LanguageModel) or loaded.task.num_outputs != BYTE_VOCABULARY:
-        raise HarnessError(f"Run '{loaded.config.get('run_dir')}' trained task '{loaded.task.name}' with "
-                           f"{loaded.task.num_outputs} outputs: expected a byte-level language model "
-                           "(task=language_model with data=text) to sample text from.")
-    tokens = generate(loaded.model, list(prompt.encode("utf-8")), length=length, context=loaded.input_shape[0],
-                      temperature=temperature, seed=seed)
-    return bytes(tokens).decode("utf-8", errors="replace")
