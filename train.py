@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config.schema import register_configs
+from harness.config.composition import register_configs
 
 PROCESS_STARTED = time.time()
 _main_entered = False  # Hydra composed the config: from here on, Hydra's own exit 1 means a crash
@@ -25,7 +25,7 @@ _main_entered = False  # Hydra composed the config: from here on, Hydra's own ex
 
 def train(cfg: DictConfig):
     """The whole run for a composed config; returns the controller's `Outcome`."""
-    from harness.config.schema import to_typed_config
+    from harness.config.run_config import to_typed_config
 
     run = to_typed_config(cfg)  # config errors surface before TensorFlow is imported
     from harness.lean_import import import_tensorflow
@@ -33,7 +33,7 @@ def train(cfg: DictConfig):
     import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
     from harness import runtime
     from harness.checkpoint import checkpointer, pacing
-    from harness.control import controller, progress, summaries
+    from harness.control import actions, controller, progress, summaries
     from harness.data import pipeline
     from harness.distributed import strategy
     from harness.operations import attempt, preemption, run_dir, watchdog
@@ -79,14 +79,18 @@ def train(cfg: DictConfig):
             if start_step is None:
                 tensorboard.hparams(run.resolved)
             tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())
-            outcome = controller.Controller(
-                strategy=dist, task=task, state=train_state, pipeline=inputs, train_loop=train_loop,
+            display = progress.Progress(run.trainer.progress, start_step=start_step or 0,
+                                        max_steps=run.trainer.max_steps, enabled=is_chief)
+            boundary_actions = actions.standard_actions(
+                strategy=dist, task=task, state=train_state, pipeline=inputs, train_metrics=train_loop.metrics,
                 eval_loop=eval_loop, checkpointer=checkpoints,
-                save_pacer=pacing.SavePacer.from_config(run.checkpoint, start_step=start_step or 0),
-                summaries=tensorboard,
-                progress=progress.Progress(run.trainer.progress, start_step=start_step or 0,
-                                           max_steps=run.trainer.max_steps, enabled=is_chief),
-                watcher=watcher, trainer=run.trainer, watchdog=hang_watchdog, attempt=this_attempt,
+                pacer=pacing.SavePacer.from_config(run.checkpoint, start_step=start_step or 0),
+                summaries=tensorboard, progress=display, trainer=run.trainer, watchdog=hang_watchdog,
+                attempt=this_attempt, stop_exit_code=run.preemption.exit_code)
+            outcome = controller.Controller(
+                strategy=dist, state=train_state, pipeline=inputs, train_loop=train_loop, actions=boundary_actions,
+                max_steps=run.trainer.max_steps, steps_per_loop=run.trainer.steps_per_loop, watcher=watcher,
+                attempt=this_attempt, watchdog=hang_watchdog, progress=display,
             ).run()
         this_attempt.finish(outcome.status.value, step=outcome.step)
     export.export_finished_run(model, run.export, task=task, input_shape=examples.input_shape,

@@ -48,7 +48,7 @@ def run_train(run_dir: Path, *overrides: str, tiny: bool = True, timeout: float 
 
 def compose(*overrides: str, tiny: bool = True):
     """The composed DictConfig train.py would get, via Hydra's compose API."""
-    from harness.config.schema import compose as compose_config
+    from harness.config.composition import compose as compose_config
 
     return compose_config([*(TINY if tiny else ()), *overrides])
 

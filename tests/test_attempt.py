@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config.schema import to_typed_config
+from harness.config.run_config import to_typed_config
 from harness.errors import CheckpointError
 from harness.operations.attempt import Attempt
 from harness.operations.run_record import RECORD_FILE, RunAccounting

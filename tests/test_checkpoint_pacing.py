@@ -94,7 +94,7 @@ def test_a_rollback_replays_saves_from_the_restored_step() -> None:
                                                ("checkpoint.max_overhead=1.5", "checkpoint.max_overhead"),
                                                ("checkpoint.max_overhead=0", "checkpoint.max_overhead")])
 def test_bad_pacing_settings_are_refused(override: str, key: str) -> None:
-    from harness.config.schema import to_typed_config
+    from harness.config.run_config import to_typed_config
 
     with pytest.raises(ConfigError, match=key):
         to_typed_config(compose(override))

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness.config import schema as config
 from harness.config.schema import (
     DiabetesDataConfig,
     DigitsDataConfig,
@@ -25,7 +24,7 @@ from harness.data.in_memory_sources import load_examples
 from harness.errors import DataError
 from harness.tasks.classification import Classification
 from harness.tasks.regression import Regression
-from tests.conftest import assert_ok, compose, event_scalars, run_train
+from tests.conftest import assert_ok, event_scalars, run_train
 
 
 def _arrays(count: int = 50, dim: int = 4, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -256,13 +255,6 @@ def test_text_is_byte_windows_whose_targets_are_the_next_bytes(tmp_path: Path) -
         load_examples(TextDataConfig(path=str(tmp_path / "missing.txt")))
     with pytest.raises(DataError, match=r"tiny.txt' has 40 bytes: too few"):
         load_examples(TextDataConfig(path=str(path), seq_len=16))
-
-
-@pytest.mark.parametrize("name", ["digits", "diabetes", "text", "npz", "tfrecord", "synthetic"])
-def test_every_data_config_composes(name: str) -> None:
-    overrides = [f"data={name}"] + (["data.path=/data/train"] if name in ("npz", "tfrecord") else [])
-    run = config.to_typed_config(compose(*overrides, tiny=False))
-    assert run.data.name == name
 
 
 # ---------------------------------------------------------------------------------------------

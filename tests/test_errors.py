@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from harness.config.schema import to_typed_config
+from harness.config.run_config import to_typed_config
 from harness.errors import NOT_RETRYABLE, RESERVED_EXIT_CODES, ConfigError, ExitCode
 from tests.conftest import PROJECT_ROOT, compose
 

@@ -16,7 +16,7 @@ import pytest
 
 from harness.checkpoint import provenance
 from harness.checkpoint.checkpointer import Checkpointer
-from harness.config import schema as config
+from harness.config import run_config
 from harness.errors import CheckpointError
 from harness.operations import run_dir as run_files
 from harness.operations.run_record import RunAccounting
@@ -31,7 +31,7 @@ SCRIPT = PROJECT_ROOT / "scripts" / "inspect_checkpoint.py"
 def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory with ckpt-20/40/60 of the TINY config and its records, as train.py leaves it."""
     run_dir = tmp_path_factory.mktemp("inspect") / "run"
-    run = config.to_typed_config(compose(f"run_dir={run_dir}"))
+    run = run_config.to_typed_config(compose(f"run_dir={run_dir}"))
     task_data = assembly.load_task_data(run)
     train_state = assembly.build_train_state(run, task_data)
     record = provenance.to_text(provenance.build_provenance(run.resolved, overrides=("trainer.max_steps=60",)))

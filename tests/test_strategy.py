@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from harness.config import schema as config
+from harness.config import run_config
 from harness.config.schema import StrategyConfig
 from harness.distributed import strategy
 from harness.errors import ConfigError
@@ -30,7 +30,7 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 @pytest.mark.parametrize("name", ["default", "mirrored", "multi_worker", "auto"])
 def test_every_strategy_group_composes_and_validates(name: str) -> None:
-    run = config.to_typed_config(compose(f"strategy={name}"))
+    run = run_config.to_typed_config(compose(f"strategy={name}"))
     assert run.strategy.name == name
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness.config import schema as config
+from harness.config import run_config
 from harness.errors import HarnessError
 from harness.results import inference
 from harness.results.generation import generate_text
@@ -99,7 +99,7 @@ def test_task_resumes_bit_exactly_after_sigkill_and_exports_its_outputs(tmp_path
         assert curves[tag] == pytest.approx(expected_curves[tag], abs=1e-6), tag
 
     loaded = inference.load(str(reference))
-    run = config.to_typed_config(compose(*overrides, f"run_dir={reference}", tiny=False))
+    run = run_config.to_typed_config(compose(*overrides, f"run_dir={reference}", tiny=False))
     inputs = assembly.load_task_data(run).examples.eval_features[:8]
     expected = np.asarray(loaded.task.serving_outputs(tf.constant(inference.predict_outputs(loaded.model, inputs))))
     served = tf.saved_model.load(str(reference / "export" / "saved_model"))
@@ -116,7 +116,7 @@ def test_regression_reaches_r2_of_0_4_and_predict_prints_values_in_target_units(
                         "checkpoint.every_steps=300", "trainer.steps_per_loop=50", tiny=False))
     r2 = event_scalars(run_dir / "tensorboard")["eval/r2"]
     assert [step for step, _ in r2] == [300, 600] and r2[-1][1] >= 0.4, r2
-    examples = assembly.load_task_data(config.to_typed_config(compose("task=regression", tiny=False))).examples
+    examples = assembly.load_task_data(run_config.to_typed_config(compose("task=regression", tiny=False))).examples
     np.save(tmp_path / "inputs.npy", examples.eval_features[:5])
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "predict.py"), str(run_dir),
                              str(tmp_path / "inputs.npy")], capture_output=True, text=True, env=subprocess_env(),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness.config import schema as config
+from harness.config import run_config
 from harness.data.in_memory_sources import ExampleArrays
 from harness.errors import ConfigError, DataError
 from harness.results import inference
@@ -50,16 +50,17 @@ from tests.test_task_runs import COMMON, METRICS, TASKS
 ])
 def test_each_task_composes_with_its_data_and_model_and_builds(name: str, task_class: type, data: str,
                                                                model: str) -> None:
-    run = config.to_typed_config(compose(f"task={name}", tiny=False))
+    run = run_config.to_typed_config(compose(f"task={name}", tiny=False))
     assert (run.data.name, run.model["_target_"]) == (data, model)
     assert type(build_task(run.task)) is task_class
-    override = config.to_typed_config(compose(f"task={name}", "data=npz", "data.path=x.npz", "model=cnn", tiny=False))
+    override = run_config.to_typed_config(
+        compose(f"task={name}", "data=npz", "data.path=x.npz", "model=cnn", tiny=False))
     assert (override.data.name, override.model["_target_"]) == ("npz", "models.cnn.build_cnn")  # the user's pick wins
 
 
 def test_task_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"task.loss' = 'l3' is invalid: expected one of \['mse', 'mae', 'huber'\]"):
-        build_task(config.to_typed_config(compose("task=regression", "task.loss=l3", tiny=False)).task)
+        build_task(run_config.to_typed_config(compose("task=regression", "task.loss=l3", tiny=False)).task)
     with pytest.raises(ConfigError, match=r"'task._target_' = 'nowhere.Task' cannot be imported"):
         build_task({"_target_": "nowhere.Task"})
     with pytest.raises(ConfigError, match=r"'task._target_' = 'harness.data.pipeline.Batch' is not a subclass"):

@@ -1,24 +1,18 @@
-"""The configuration schema: typed dataclasses registered in Hydra's ConfigStore.
+"""The configuration schema: every key a user may set, its type, default and value checks.
 
-Owns: every key a user may set, its type and default, and value checks that types cannot
-express (positive step counts, known names). Hydra refuses misspelt keys, `+new.key`s the schema
-lacks and wrongly typed values; `to_typed_config` turns the composed `DictConfig` into these frozen
-dataclasses, raising `ConfigError` naming the key for anything out of range. Nothing else in the
-harness reads a raw `DictConfig`.
+Owns: one typed dataclass per config group (registered with Hydra by `composition.py`, built from
+the composed config by `run_config.py`), each with a `validate` that checks what types cannot
+express (positive step counts, known names) and raises `ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
-from omegaconf.nodes import BooleanNode
+from omegaconf import MISSING
 
-from harness import PROJECT_ROOT
 from harness.errors import RESERVED_EXIT_CODES, ConfigError, ExitCode
 
 
@@ -98,6 +92,12 @@ class DataConfig:
     # step instead (no tf.data: fastest on CPU hosts, see docs/benchmarks.md). Same batches either way.
     prefetch: int = 0
     shuffle_seed: int | None = None  # order of examples; None = the run's `seed`
+
+    def validate(self) -> None:
+        _require(self.global_batch_size > 0, "data.global_batch_size", self.global_batch_size, "a positive integer")
+        _require(self.eval_batch_size is None or self.eval_batch_size > 0, "data.eval_batch_size",
+                 self.eval_batch_size, "null or a positive integer")
+        _require(self.prefetch >= 0, "data.prefetch", self.prefetch, "0 or a positive number of batches")
 
 
 @dataclass
@@ -183,6 +183,14 @@ class ScheduleConfig:
     decay_steps: int | None = None  # cosine: steps after warmup; None = trainer.max_steps - warmup
     final_fraction: float = 0.0  # cosine: final learning rate as a fraction of the peak
 
+    def validate(self) -> None:
+        _require(self.name in ("constant", "cosine"), "optimizer.schedule.name", self.name, "constant or cosine")
+        _require(self.warmup_steps >= 0, "optimizer.schedule.warmup_steps", self.warmup_steps, "0 or more steps")
+        _require(self.decay_steps is None or self.decay_steps > 0, "optimizer.schedule.decay_steps",
+                 self.decay_steps, "null or a positive number of steps")
+        _require(0.0 <= self.final_fraction <= 1.0, "optimizer.schedule.final_fraction", self.final_fraction,
+                 "a fraction in [0, 1]")
+
 
 @dataclass
 class OptimizerConfig:
@@ -190,6 +198,12 @@ class OptimizerConfig:
     learning_rate: float = 1e-3  # peak learning rate
     global_clipnorm: float | None = None  # clip the global gradient norm; None = no clipping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self) -> None:
+        _require(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "a positive number")
+        _require(self.global_clipnorm is None or self.global_clipnorm > 0, "optimizer.global_clipnorm",
+                 self.global_clipnorm, "null or a positive number")
+        self.schedule.validate()
 
 
 @dataclass
@@ -225,6 +239,16 @@ class StrategyConfig:
     communication: str = "auto"  # multi_worker collectives: auto | ring | nccl
     peer_timeout_seconds: int = 30  # multi_worker: a dead peer fails the job after this long
 
+    def validate(self) -> None:
+        _require(self.name in ("default", "mirrored", "multi_worker", "auto"), "strategy.name", self.name,
+                 "one of default, mirrored, multi_worker, auto")
+        _require(self.cpu_replicas is None or self.cpu_replicas >= 1, "strategy.cpu_replicas", self.cpu_replicas,
+                 "null or a positive integer")
+        _require(self.communication in ("auto", "ring", "nccl"), "strategy.communication", self.communication,
+                 "one of auto, ring, nccl")
+        _require(self.peer_timeout_seconds > 0, "strategy.peer_timeout_seconds", self.peer_timeout_seconds,
+                 "a positive number of seconds")
+
 
 @dataclass
 class TrainerConfig:
@@ -244,6 +268,25 @@ class TrainerConfig:
     # at the same step, so a scheduler's retry loop on a deterministic bug ends. 0 = never refuse.
     max_crash_restarts: int = 3
 
+    def validate(self) -> None:
+        _require(self.max_steps > 0, "trainer.max_steps", self.max_steps, "a positive number of steps")
+        _require(self.steps_per_loop > 0, "trainer.steps_per_loop", self.steps_per_loop, "a positive integer")
+        _require(self.log_every > 0, "trainer.log_every", self.log_every, "a positive integer")
+        _require(self.eval_every >= 0, "trainer.eval_every", self.eval_every,
+                 "0 (only at the end) or a positive integer")
+        _require(self.progress in ("auto", "bar", "log", "none"), "trainer.progress", self.progress,
+                 "one of auto, bar, log, none")
+        _require(self.mixed_precision in (None, "mixed_float16", "mixed_bfloat16"), "trainer.mixed_precision",
+                 self.mixed_precision, "null, mixed_float16 or mixed_bfloat16")
+        _require(self.loss_upper_bound is None or self.loss_upper_bound > 0, "trainer.loss_upper_bound",
+                 self.loss_upper_bound, "null or a positive loss")
+        _require(0 <= self.max_rollbacks <= 64, "trainer.max_rollbacks", self.max_rollbacks,
+                 "0 (never roll back) to 64 (the checkpoint's skip schedule has 64 rows)")
+        _require(self.rollback_skip_batches >= 1, "trainer.rollback_skip_batches", self.rollback_skip_batches,
+                 "a positive number of batches")
+        _require(self.max_crash_restarts >= 0, "trainer.max_crash_restarts", self.max_crash_restarts,
+                 "0 (never refuse) or a positive number of crashes")
+
 
 @dataclass
 class CheckpointConfig:
@@ -262,11 +305,33 @@ class CheckpointConfig:
     retry_backoff_seconds: float = 1.0
     # `async` (bool, default false) is added in `_schema_node`: it is a Python keyword.
 
+    def validate(self) -> None:
+        _require(bool(self.dir), "checkpoint.dir", self.dir, "a directory path")
+        _require(self.every_steps > 0, "checkpoint.every_steps", self.every_steps, "a positive number of steps")
+        _require(self.every_seconds is None or self.every_seconds > 0, "checkpoint.every_seconds",
+                 self.every_seconds, "null or a positive number of seconds")
+        _require(self.max_overhead is None or 0 < self.max_overhead < 1, "checkpoint.max_overhead",
+                 self.max_overhead, "null or a fraction of the training time between 0 and 1 (e.g. 0.03)")
+        _require(self.max_to_keep >= 1, "checkpoint.max_to_keep", self.max_to_keep,
+                 "at least 1 (2 or more recommended)")
+        _require(self.keep_every_hours is None or self.keep_every_hours > 0, "checkpoint.keep_every_hours",
+                 self.keep_every_hours, "null or a positive number of hours")
+        _require(self.max_consecutive_failures >= 1, "checkpoint.max_consecutive_failures",
+                 self.max_consecutive_failures, "a positive number of failed save attempts")
+        _require(self.retry_backoff_seconds >= 0, "checkpoint.retry_backoff_seconds", self.retry_backoff_seconds,
+                 "0 or more seconds")
+
 
 @dataclass
 class PreemptionConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     exit_code: int = int(ExitCode.PREEMPTED)  # exit status after a preemption save; schedulers match it
+
+    def validate(self) -> None:
+        parse_signals(self.signals)
+        _require(1 <= self.exit_code <= 255 and self.exit_code not in RESERVED_EXIT_CODES, "preemption.exit_code",
+                 self.exit_code, f"an exit status in 1..255 other than {sorted(RESERVED_EXIT_CODES)} (the "
+                 "harness's own exit codes, see the README)")
 
 
 @dataclass
@@ -279,6 +344,11 @@ class LeaseConfig:
     expiry_seconds: float = 60.0
     renew_seconds: float = 10.0  # how often the holder renews it; keep well below expiry_seconds
 
+    def validate(self) -> None:
+        _require(self.renew_seconds > 0, "lease.renew_seconds", self.renew_seconds, "a positive number of seconds")
+        _require(self.expiry_seconds >= 2 * self.renew_seconds, "lease.expiry_seconds", self.expiry_seconds,
+                 f"at least twice lease.renew_seconds ({self.renew_seconds}), so one late renewal is not a takeover")
+
 
 @dataclass
 class WatchdogConfig:
@@ -289,6 +359,12 @@ class WatchdogConfig:
     factor: float = 10.0  # hung = slower than this many times the slowest so far (per step for training)
     min_seconds: float = 300.0  # never declared hung sooner than this
     first_call_seconds: float = 1800.0  # the first train loop, eval and save also trace and compile
+
+    def validate(self) -> None:
+        _require(self.factor > 1, "watchdog.factor", self.factor, "a number greater than 1")
+        _require(self.min_seconds > 0, "watchdog.min_seconds", self.min_seconds, "a positive number of seconds")
+        _require(self.first_call_seconds > 0, "watchdog.first_call_seconds", self.first_call_seconds,
+                 "a positive number of seconds")
 
 
 @dataclass
@@ -304,6 +380,9 @@ class ResumeConfig:
 class ExportConfig:
     enabled: bool = True  # when training completes, the chief writes model.keras and saved_model/ in dir
     dir: str = "${run_dir}/export"
+
+    def validate(self) -> None:
+        _require(not self.enabled or bool(self.dir), "export.dir", self.dir, "a directory path")
 
 
 @dataclass
@@ -330,6 +409,18 @@ class Config:
     init_from_skip: list[str] = field(default_factory=list)  # globs of model variables left initialised
     init_from_name_map: dict[str, str] = field(default_factory=dict)  # model variable/layer -> name in source
 
+    def validate(self) -> None:
+        """Every group's own checks, then the run-level ones. Raises `ConfigError` naming the key."""
+        _require(isinstance(self.model, dict) and "_target_" in self.model, "model._target_", None,
+                 "a model builder such as models.mlp.build_mlp")
+        _require(isinstance(self.task, dict) and "_target_" in self.task, "task._target_", None,
+                 "a Task class such as harness.tasks.classification.Classification")
+        for group in (self.data, self.optimizer, self.strategy, self.trainer, self.checkpoint, self.preemption,
+                      self.lease, self.watchdog, self.export):
+            group.validate()
+        _require(self.init_from is None or bool(self.init_from.strip()), "init_from", self.init_from,
+                 "null or a run_dir, checkpoint prefix or .weights.h5 path")
+
 
 SCHEMAS_BY_GROUP: dict[str, dict[str, type]] = {
     "task": {"classification": ClassificationTaskConfig, "regression": RegressionTaskConfig,
@@ -340,271 +431,3 @@ SCHEMAS_BY_GROUP: dict[str, dict[str, type]] = {
              "array_record": ArrayRecordDataConfig, "tokens": TokensDataConfig},
     "optimizer": {"adam": AdamConfig, "adamw": AdamWConfig, "sgd": SGDConfig},
 }
-
-
-def _schema_node() -> DictConfig:
-    """The top-level schema as a DictConfig, with keys dataclasses cannot declare."""
-    node = OmegaConf.structured(Config)
-    with open_dict(node.checkpoint):
-        node.checkpoint["async"] = BooleanNode(False)  # save in the background
-    OmegaConf.set_struct(node.init_from_name_map, False)  # user keys: `init_from_name_map={a:b}` without `+`
-    return node
-
-
-def _job_suffix() -> str:
-    """Resolver for `run_dir`: '' in a single run, '/<overrides>' for each job of a multirun.
-
-    Each multirun job needs its own stable run directory; the override string is deterministic,
-    so rerunning the same sweep command resumes every job from its own checkpoints.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return ""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return ""
-    overrides = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
-    return "/" + re.sub(r"[^A-Za-z0-9_.,=+-]", "_", overrides)
-
-
-def register_configs() -> None:
-    """Register the schema and resolvers with Hydra. Idempotent; call before composing."""
-    from hydra.core.config_store import ConfigStore
-
-    if not OmegaConf.has_resolver("harness_job_suffix"):
-        OmegaConf.register_new_resolver("harness_job_suffix", _job_suffix)
-    store = ConfigStore.instance()
-    store.store(name="schema", node=_schema_node())
-    for group, schemas in SCHEMAS_BY_GROUP.items():
-        for name, schema in schemas.items():
-            store.store(group=f"schema/{group}", name=name, node=schema)  # conf/<group>/<name>.yaml extend these
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The DictConfig `python train.py OVERRIDES` would run on, via Hydra's compose API over conf/.
-
-    For tools and tests outside a running Hydra app: it resets Hydra's global state. Overrides
-    that do not compose (a misspelt key, an unknown group option, a wrong type) raise `ConfigError`
-    with Hydra's explanation, as `train.py` reports them.
-    """
-    import os
-
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register_configs()
-    conf_dir = os.path.join(PROJECT_ROOT, "conf")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        try:
-            return hydra_compose(config_name="config", overrides=list(overrides))
-        except (HydraException, OmegaConfBaseException) as error:
-            cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
-            detail = " ".join(line.strip() for line in str(cause or error).splitlines() if line.strip())
-            raise ConfigError(f"The overrides {' '.join(overrides) or '(none)'} do not compose: {detail}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed view for the rest of the harness
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunConfig:
-    """The validated configuration the harness runs on (built by `to_typed_config`)."""
-
-    experiment: str
-    run_dir: str
-    seed: int
-    deterministic: bool
-    task: dict[str, Any]  # `_target_` (a Task subclass) plus its constructor's keyword arguments
-    model: dict[str, Any]  # `_target_` plus the builder's keyword arguments
-    data: DataConfig
-    optimizer: OptimizerConfig
-    strategy: StrategyConfig
-    trainer: TrainerConfig
-    checkpoint: CheckpointConfig
-    checkpoint_async: bool
-    preemption: PreemptionConfig
-    resolved: dict[str, Any]  # the whole resolved config, for the record in run_dir and hparams
-    export: ExportConfig = field(default_factory=ExportConfig)
-    lease: LeaseConfig = field(default_factory=LeaseConfig)
-    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
-    resume: ResumeConfig = field(default_factory=ResumeConfig)
-    overrides: tuple[str, ...] = ()  # the command-line overrides, for provenance
-    init_from: str | None = None  # warm start source (see Config)
-    init_from_skip: tuple[str, ...] = ()
-    init_from_name_map: dict[str, str] = field(default_factory=dict)
-
-
-def to_typed_config(cfg: DictConfig) -> RunConfig:
-    """Resolve and validate a composed config. Raises `ConfigError` naming the offending key."""
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except Exception as error:  # omegaconf raises several types, all naming the key
-        raise ConfigError(f"The configuration does not resolve: {error}") from None
-    assert isinstance(resolved, dict)
-    top_level = {k: v for k, v in resolved.items() if k not in ("task", "model", "data", "optimizer")}
-    top_level["checkpoint"] = {k: v for k, v in resolved["checkpoint"].items() if k != "async"}
-    _reject_unknown_keys(Config, top_level, prefix="")
-    checkpoint_values = dict(resolved["checkpoint"])
-    checkpoint_async = bool(checkpoint_values.pop("async", False))
-    run = RunConfig(
-        experiment=resolved["experiment"],
-        run_dir=resolved["run_dir"],
-        seed=resolved["seed"],
-        deterministic=resolved["deterministic"],
-        task=dict(resolved["task"]),
-        model=dict(resolved["model"]),
-        data=_from_dict(_group_schema("data", resolved), resolved["data"]),
-        optimizer=_from_dict(_group_schema("optimizer", resolved), resolved["optimizer"]),
-        strategy=_from_dict(StrategyConfig, resolved["strategy"]),
-        trainer=_from_dict(TrainerConfig, resolved["trainer"]),
-        checkpoint=_from_dict(CheckpointConfig, checkpoint_values),
-        checkpoint_async=checkpoint_async,
-        preemption=_from_dict(PreemptionConfig, resolved["preemption"]),
-        resolved=resolved,
-        export=_from_dict(ExportConfig, resolved["export"]),
-        lease=_from_dict(LeaseConfig, resolved["lease"]),
-        watchdog=_from_dict(WatchdogConfig, resolved["watchdog"]),
-        resume=_from_dict(ResumeConfig, resolved["resume"]),
-        overrides=_command_line_overrides(),
-        init_from=resolved["init_from"],
-        init_from_skip=tuple(resolved["init_from_skip"]),
-        init_from_name_map=dict(resolved["init_from_name_map"]),
-    )
-    validate(run)
-    return run
-
-
-def _group_prefix(schema: type) -> str:
-    for group, schemas in SCHEMAS_BY_GROUP.items():
-        if schema in schemas.values():
-            return f"{group}."
-    return {StrategyConfig: "strategy.", TrainerConfig: "trainer.", CheckpointConfig: "checkpoint.",
-            PreemptionConfig: "preemption.", ScheduleConfig: "optimizer.schedule.",
-            ExportConfig: "export.", LeaseConfig: "lease.", WatchdogConfig: "watchdog.",
-            ResumeConfig: "resume."}.get(schema, "")
-
-
-def _command_line_overrides() -> tuple[str, ...]:
-    """The overrides of the running Hydra job (empty outside one, e.g. under `compose`)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ()
-
-
-def _group_schema(group: str, resolved: dict[str, Any]) -> type:
-    name = resolved[group].get("name")
-    _require(name in SCHEMAS_BY_GROUP[group], f"{group}.name", name, f"one of {sorted(SCHEMAS_BY_GROUP[group])}")
-    return SCHEMAS_BY_GROUP[group][name]
-
-
-def _from_dict(schema: type, values: dict[str, Any]) -> Any:
-    """Build a dataclass (nested ones included) from values OmegaConf has already type-checked.
-
-    Keys the schema lacks are refused here: Hydra's `+key=value` adds keys even to typed nodes.
-    """
-    _reject_unknown_keys(schema, values, prefix=_group_prefix(schema))
-    kwargs = {}
-    for f in dataclasses.fields(schema):
-        if f.name in values:
-            value = values[f.name]
-            if dataclasses.is_dataclass(f.default_factory) and isinstance(value, dict):
-                value = _from_dict(f.default_factory, value)
-            kwargs[f.name] = value
-    return schema(**kwargs)
-
-
-def _reject_unknown_keys(schema: type, values: dict[str, Any], *, prefix: str) -> None:
-    known = {f.name for f in dataclasses.fields(schema)}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"Config key '{prefix}{key}' is not part of the configuration schema "
-                              f"({schema.__name__} has {sorted(known)}): check the spelling, or drop the '+'.")
-        nested = next(f for f in dataclasses.fields(schema) if f.name == key).default_factory
-        if dataclasses.is_dataclass(nested) and isinstance(value, dict):
-            _reject_unknown_keys(nested, value, prefix=f"{prefix}{key}.")
-
-
-def validate(run: RunConfig) -> None:
-    """Range and consistency checks that types cannot express."""
-    _require("_target_" in run.model, "model._target_", None, "a model builder such as models.mlp.build_mlp")
-    _require("_target_" in run.task, "task._target_", None, "a Task class such as "
-             "harness.tasks.classification.Classification")
-    t = run.trainer
-    _require(t.max_steps > 0, "trainer.max_steps", t.max_steps, "a positive number of steps")
-    _require(t.steps_per_loop > 0, "trainer.steps_per_loop", t.steps_per_loop, "a positive integer")
-    _require(t.log_every > 0, "trainer.log_every", t.log_every, "a positive integer")
-    _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "0 (only at the end) or a positive integer")
-    _require(t.progress in ("auto", "bar", "log", "none"), "trainer.progress", t.progress,
-             "one of auto, bar, log, none")
-    _require(t.mixed_precision in (None, "mixed_float16", "mixed_bfloat16"), "trainer.mixed_precision",
-             t.mixed_precision, "null, mixed_float16 or mixed_bfloat16")
-    c = run.checkpoint
-    _require(bool(c.dir), "checkpoint.dir", c.dir, "a directory path")
-    _require(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "a positive number of steps")
-    _require(c.every_seconds is None or c.every_seconds > 0, "checkpoint.every_seconds", c.every_seconds,
-             "null or a positive number of seconds")
-    _require(c.max_overhead is None or 0 < c.max_overhead < 1, "checkpoint.max_overhead", c.max_overhead,
-             "null or a fraction of the training time between 0 and 1 (e.g. 0.03)")
-    _require(c.max_to_keep >= 1, "checkpoint.max_to_keep", c.max_to_keep, "at least 1 (2 or more recommended)")
-    _require(c.keep_every_hours is None or c.keep_every_hours > 0, "checkpoint.keep_every_hours",
-             c.keep_every_hours, "null or a positive number of hours")
-    d = run.data
-    _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "a positive integer")
-    _require(d.eval_batch_size is None or d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size,
-             "null or a positive integer")
-    _require(d.prefetch >= 0, "data.prefetch", d.prefetch, "0 or a positive number of batches")
-    o = run.optimizer
-    _require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a positive number")
-    _require(o.global_clipnorm is None or o.global_clipnorm > 0, "optimizer.global_clipnorm",
-             o.global_clipnorm, "null or a positive number")
-    s = o.schedule
-    _require(s.name in ("constant", "cosine"), "optimizer.schedule.name", s.name, "constant or cosine")
-    _require(s.warmup_steps >= 0, "optimizer.schedule.warmup_steps", s.warmup_steps, "0 or more steps")
-    _require(s.decay_steps is None or s.decay_steps > 0, "optimizer.schedule.decay_steps", s.decay_steps,
-             "null or a positive number of steps")
-    _require(0.0 <= s.final_fraction <= 1.0, "optimizer.schedule.final_fraction", s.final_fraction,
-             "a fraction in [0, 1]")
-    st = run.strategy
-    _require(st.name in ("default", "mirrored", "multi_worker", "auto"), "strategy.name", st.name,
-             "one of default, mirrored, multi_worker, auto")
-    _require(st.cpu_replicas is None or st.cpu_replicas >= 1, "strategy.cpu_replicas", st.cpu_replicas,
-             "null or a positive integer")
-    _require(st.communication in ("auto", "ring", "nccl"), "strategy.communication", st.communication,
-             "one of auto, ring, nccl")
-    _require(st.peer_timeout_seconds > 0, "strategy.peer_timeout_seconds", st.peer_timeout_seconds,
-             "a positive number of seconds")
-    _require(t.loss_upper_bound is None or t.loss_upper_bound > 0, "trainer.loss_upper_bound", t.loss_upper_bound,
-             "null or a positive loss")
-    _require(0 <= t.max_rollbacks <= 64, "trainer.max_rollbacks", t.max_rollbacks,
-             "0 (never roll back) to 64 (the checkpoint's skip schedule has 64 rows)")
-    _require(t.rollback_skip_batches >= 1, "trainer.rollback_skip_batches", t.rollback_skip_batches,
-             "a positive number of batches")
-    _require(t.max_crash_restarts >= 0, "trainer.max_crash_restarts", t.max_crash_restarts,
-             "0 (never refuse) or a positive number of crashes")
-    _require(c.max_consecutive_failures >= 1, "checkpoint.max_consecutive_failures", c.max_consecutive_failures,
-             "a positive number of failed save attempts")
-    _require(c.retry_backoff_seconds >= 0, "checkpoint.retry_backoff_seconds", c.retry_backoff_seconds,
-             "0 or more seconds")
-    p = run.preemption
-    parse_signals(p.signals)
-    reserved = sorted(RESERVED_EXIT_CODES)
-    _require(1 <= p.exit_code <= 255 and p.exit_code not in RESERVED_EXIT_CODES, "preemption.exit_code", p.exit_code,
-             f"an exit status in 1..255 other than {reserved} (the harness's own exit codes, see the README)")
-    lease = run.lease
-    _require(lease.renew_seconds > 0, "lease.renew_seconds", lease.renew_seconds, "a positive number of seconds")
-    _require(lease.expiry_seconds >= 2 * lease.renew_seconds, "lease.expiry_seconds", lease.expiry_seconds,
-             f"at least twice lease.renew_seconds ({lease.renew_seconds}), so one late renewal is not a takeover")
-    w = run.watchdog
-    _require(w.factor > 1, "watchdog.factor", w.factor, "a number greater than 1")
-    _require(w.min_seconds > 0, "watchdog.min_seconds", w.min_seconds, "a positive number of seconds")
-    _require(w.first_call_seconds > 0, "watchdog.first_call_seconds", w.first_call_seconds,
-             "a positive number of seconds")
-    _require(run.init_from is None or bool(run.init_from.strip()), "init_from", run.init_from,
-             "null or a run_dir, checkpoint prefix or .weights.h5 path")
-    _require(not run.export.enabled or bool(run.export.dir), "export.dir", run.export.dir, "a directory path")

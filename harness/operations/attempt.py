@@ -21,7 +21,7 @@ from typing import Any
 
 from harness.checkpoint import provenance
 from harness.checkpoint.checkpointer import check_writable
-from harness.config.schema import RunConfig
+from harness.config.run_config import RunConfig
 from harness.errors import (
     CrashLoopError,
     DivergedError,

@@ -270,10 +270,10 @@ def diff_against_config(prefix: str, overrides: Sequence[str]) -> dict[str, Diff
     input shape comes from the configured data source). Raises `HarnessError`s for a bad config.
     """
     from harness import runtime
-    from harness.config import schema as config
+    from harness.config import composition, run_config
     from harness.training import assembly
 
-    run = config.to_typed_config(config.compose(overrides))
+    run = run_config.to_typed_config(composition.compose(overrides))
     runtime.configure_runtime(seed=run.seed, deterministic=False, mixed_precision=run.trainer.mixed_precision)
     train_state = assembly.build_train_state(run, assembly.load_task_data(run))
     expected = expected_variables(train_state.checkpoint_items())

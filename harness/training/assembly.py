@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import keras
 
-from harness.config.schema import DataConfig, RunConfig
+from harness.config.run_config import RunConfig
+from harness.config.schema import DataConfig
 from harness.data import file_sources
 from harness.data import in_memory_sources as data_sources
 from harness.data.file_sources import FileExamples

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness import PROJECT_ROOT
-from harness.config.schema import compose
+from harness.config.composition import compose
 
 Runner = Callable[[int], float]  # num_steps -> wall seconds of the whole run
 
@@ -430,10 +430,10 @@ def _read_throughput(overrides: Sequence[str], source_run_dir: str, files: list[
                      shuffler: random.Random) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     from harness import runtime
     from harness.checkpoint import checkpointer as checkpointing
-    from harness.config import schema as config
+    from harness.config import run_config
     from harness.training import assembly
 
-    run = config.to_typed_config(compose([*overrides, f"run_dir={source_run_dir}"]))
+    run = run_config.to_typed_config(compose([*overrides, f"run_dir={source_run_dir}"]))
     runtime.configure_runtime(seed=run.seed, deterministic=False, mixed_precision=run.trainer.mixed_precision)
     train_state = assembly.build_train_state(run, assembly.load_task_data(run))
     checkpointer = checkpointing.Checkpointer.from_config(train_state, run.checkpoint, async_save=False,
@@ -624,11 +624,11 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
     import tensorflow as tf
 
     from harness.checkpoint import checkpointer as checkpointing
-    from harness.config import schema as config
+    from harness.config import run_config
     from harness.training import modeling, optimization, state
 
     width = hidden_width_for(state_gigabytes)
-    run = config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
+    run = run_config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
     model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
     train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
     state_bytes = sum(int(v.numpy().nbytes) for v in [*model.weights, *train_state.optimizer.variables])
