@@ -151,7 +151,7 @@ class LogTrainMetrics(Action):
     task: Task
     state: TrainState
     train_metrics: Accumulators
-    global_batch_size: int
+    pipeline: SeekableInput  # its global batch size turns steps/s into examples/s
     summaries: Summaries
     progress: Progress
     attempt: Attempt
@@ -179,7 +179,7 @@ class LogTrainMetrics(Action):
         self.summaries.scalars(boundary.step, {
             **{f"train/{name}": value for name, value in metrics.items()},
             "perf/steps_per_second": steps_per_second,
-            "perf/examples_per_second": steps_per_second * self.global_batch_size,
+            "perf/examples_per_second": steps_per_second * self.pipeline.global_batch_size,
         })
         self.summaries.flush()
         shown = self.task.progress_metric
@@ -345,7 +345,7 @@ def standard_actions(*, strategy: tf.distribute.Strategy, task: Task, state: Tra
     return (
         RollBackOnDivergence(trainer, state, checkpointer, train_metrics, summaries, attempt, watchdog),
         StopOnLostLease(attempt),
-        LogTrainMetrics(trainer, task, state, train_metrics, pipeline.global_batch_size, summaries, progress, attempt),
+        LogTrainMetrics(trainer, task, state, train_metrics, pipeline, summaries, progress, attempt),
         Evaluate(trainer, task, strategy, pipeline, eval_loop, summaries, progress, watchdog),
         ApplyBatchSkips(state),
         SaveCheckpoint(strategy, checkpointer, pacer, summaries, progress, attempt, watchdog),

@@ -1,0 +1,63 @@
+"""harness/control/: the controller and its actions, run in-process through `train.train(cfg)`.
+
+What a run leaves on disk is checked (checkpoints, TensorBoard points read back with TensorBoard's
+loader), as Orbit's controller tests do. Signals, crashes and exit codes are what the subprocess
+tests (test_fault_tolerance.py, test_operations.py) are for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import train
+from harness.checkpoint.checkpointer import list_checkpoints
+from harness.control.actions import (
+    ApplyBatchSkips,
+    Evaluate,
+    FinishWrites,
+    LogTrainMetrics,
+    RollBackOnDivergence,
+    SaveCheckpoint,
+    StopOnLostLease,
+    StopOnSignal,
+)
+from harness.control.controller import Status
+from tests.conftest import compose, event_scalars
+
+
+def _train_in_process(run_dir: Path, *overrides: str):
+    return train.train(compose(f"run_dir={run_dir}", "export.enabled=false", "lease.enabled=false", *overrides))
+
+
+@pytest.mark.parametrize("steps_per_loop", [7, 100])
+def test_every_action_happens_at_its_exact_step_whatever_steps_per_loop(tmp_path: Path, steps_per_loop: int) -> None:
+    outcome = _train_in_process(tmp_path, "trainer.max_steps=20", f"trainer.steps_per_loop={steps_per_loop}",
+                                "trainer.log_every=5", "trainer.eval_every=6", "checkpoint.every_steps=8",
+                                "checkpoint.max_to_keep=10")
+    assert (outcome.status, outcome.step, outcome.exit_code) == (Status.COMPLETED, 20, 0)
+    assert sorted(step for step, _ in list_checkpoints(str(tmp_path / "checkpoints"))) == [8, 16, 20]
+    scalars = event_scalars(tmp_path / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [5, 10, 15, 20]
+    assert [step for step, _ in scalars["eval/loss"]] == [6, 12, 18, 20]
+    assert [step for step, _ in scalars["perf/checkpoint_save_seconds"]] == [8, 16, 20]
+    assert {"loss", "eval_loss", "eval_accuracy"} <= set(outcome.final_metrics)
+
+
+def test_a_completed_run_run_again_does_nothing(tmp_path: Path) -> None:
+    first = _train_in_process(tmp_path, "trainer.max_steps=10", "trainer.log_every=5")
+    again = _train_in_process(tmp_path, "trainer.max_steps=10", "trainer.log_every=5")
+    assert (first.status, again.status, again.step) == (Status.COMPLETED, Status.ALREADY_COMPLETE, 10)
+    assert max(step for step, _ in list_checkpoints(str(tmp_path / "checkpoints"))) == 10
+
+
+def test_the_actions_run_in_the_order_that_makes_every_checkpoint_good() -> None:
+    """Reordering them breaks guarantees the docstring of actions.py states; this pins the order."""
+    from harness.control import actions
+
+    order = [RollBackOnDivergence, StopOnLostLease, LogTrainMetrics, Evaluate, ApplyBatchSkips, SaveCheckpoint,
+             StopOnSignal, FinishWrites]
+    signature = actions.standard_actions.__code__.co_varnames[:actions.standard_actions.__code__.co_kwonlyargcount]
+    built = actions.standard_actions(**{name: None for name in signature})
+    assert [type(action) for action in built] == order
