@@ -26,6 +26,7 @@ import tensorflow as tf
 from harness.config.schema import StrategyConfig
 from harness.distributed import cluster
 from harness.errors import CheckpointError, ConfigError
+from harness.private_apis import configure_coordination_service
 
 log = logging.getLogger(__name__)
 
@@ -205,23 +206,9 @@ def _multi_worker(config: StrategyConfig) -> tf.distribute.Strategy:
 
 
 def _configure_peer_failure_detection(cluster_spec: tf.train.ClusterSpec, *, heartbeat_timeout_seconds: int) -> None:
-    """Configure TF's coordination service as MultiWorkerMirroredStrategy would, with our timeouts.
-
-    Private API, confined here; checked on TF 2.21. The strategy configures the service itself
-    (with a 10 s heartbeat default) only if nothing configured it before, so this call wins.
-    A task missing heartbeats for the timeout is reported to all others, whose in-flight and
-    later collectives then fail with UNAVAILABLE.
-    """
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.eager import context
-
+    """A worker missing heartbeats for `strategy.peer_timeout_seconds` fails every other's collectives."""
     jobs = cluster_spec.as_dict()
-    leader = "/job:chief/replica:0/task:0" if "chief" in jobs else "/job:worker/replica:0/task:0"
-    context.context().configure_coordination_service(
-        service_type="standalone",
-        service_leader=leader,
-        heartbeat_timeout_in_ms=heartbeat_timeout_seconds * 1000,
-        shutdown_barrier_timeout_in_ms=_SHUTDOWN_BARRIER_SECONDS * 1000,
-        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster_spec.num_tasks(job))
-                          for job in ("chief", "worker") if job in jobs],
-    )
+    configure_coordination_service(
+        leader="/job:chief/replica:0/task:0" if "chief" in jobs else "/job:worker/replica:0/task:0",
+        jobs={job: cluster_spec.num_tasks(job) for job in ("chief", "worker") if job in jobs},
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds, shutdown_barrier_seconds=_SHUTDOWN_BARRIER_SECONDS)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from harness.private_apis import layer_seed_generators, nested_layers
+
 # Keeps per-layer streams apart; any odd constant would do.
 _LAYER_STREAM_STRIDE = 1_000_003
 MAX_SKIPS = 64  # rows of the skip schedule: trainer.max_rollbacks may not exceed it
@@ -134,8 +136,8 @@ def reseed_random_layers(state: TrainState, *, seed: int, step: tf.Tensor) -> No
 
 def _seed_generators(model: keras.Model) -> list[keras.random.SeedGenerator]:
     generators: list[keras.random.SeedGenerator] = []
-    for layer in model._flatten_layers(include_self=True):  # Keras 3.x; checked on 3.15
-        for generator in getattr(layer, "_seed_generators", []):
+    for layer in nested_layers(model, include_self=True):
+        for generator in layer_seed_generators(layer):
             if all(generator is not seen for seen in generators):
                 generators.append(generator)
     return generators

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from harness.errors import CheckpointError, ConfigError
+from harness.private_apis import nested_layers
 from harness.results import inspection
 from harness.training.state import model_weights_tree
 
@@ -51,7 +52,7 @@ class ModelVariable:
 def model_variables(model: keras.Model) -> list[ModelVariable]:
     """Every variable of `model`, named as harness checkpoints name them."""
     owners: dict[int, tuple[str, int]] = {}
-    for layer in model._flatten_layers(include_self=False):  # Keras 3.x private API, checked on 3.15
+    for layer in nested_layers(model, include_self=False):
         store: dict[str, object] = {}
         layer.save_own_variables(store)
         for index, value in store.items():
