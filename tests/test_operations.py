@@ -243,6 +243,7 @@ def test_watchdog_ends_a_stalled_step_with_a_stack_dump_and_its_exit_code(tmp_pa
     assert latest_step(run_dir) == 30
     record = run_record(run_dir)
     assert record["history"][-1]["outcome"] == "hung" and record["crashes"] == 1
+    assert record["history"][-1]["detail"] == "no progress in the train phase"
 
 
 # ---------------------------------------------------------------------------------------------

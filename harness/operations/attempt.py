@@ -105,8 +105,8 @@ class Attempt:
         self.accounting.finish(status, step=step)
 
     def record_hang(self, phase: str) -> None:
-        """For the watchdog, just before it ends the process."""
-        self.accounting.finish("hung", step=self.step)
+        """For the watchdog, just before it ends the process: which phase (train, eval, save) hung."""
+        self.accounting.finish("hung", step=self.step, detail=f"no progress in the {phase} phase")
 
     def _release(self) -> None:
         if self.lease is not None:

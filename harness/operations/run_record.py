@@ -166,8 +166,9 @@ class RunAccounting:
         self.record.rollbacks += 1
         self._write()
 
-    def finish(self, outcome: str, *, step: int) -> None:
-        """Record how this attempt ended: completed, already_complete, preempted, crashed, hung, stalled, ..."""
+    def finish(self, outcome: str, *, step: int, detail: str | None = None) -> None:
+        """Record how this attempt ended: completed, already_complete, preempted, crashed, hung, stalled, ...
+        (`detail`: what a reader of the history needs beyond the outcome, e.g. which phase hung)."""
         r = self.record
         if r.current is None:
             return
@@ -180,12 +181,12 @@ class RunAccounting:
             r.crash_step, r.crash_fingerprint = step, self.fingerprint
         else:
             r.consecutive_crashes, r.crash_step, r.crash_fingerprint = 0, None, None
-        self._close(r.current, outcome=outcome, step=step)
+        self._close(r.current, outcome=outcome, step=step, detail=detail)
         self._write()
 
-    def _close(self, attempt: dict[str, Any], *, outcome: str, step: int) -> None:
-        self.record.history = [*self.record.history, {**attempt, "ended": time.time(), "end_step": step,
-                                                      "outcome": outcome}][-_HISTORY_LENGTH:]
+    def _close(self, attempt: dict[str, Any], *, outcome: str, step: int, detail: str | None = None) -> None:
+        ended = {"ended": time.time(), "end_step": step, "outcome": outcome, **({"detail": detail} if detail else {})}
+        self.record.history = [*self.record.history, {**attempt, **ended}][-_HISTORY_LENGTH:]
         self.record.current = None
 
     def _write(self) -> None:

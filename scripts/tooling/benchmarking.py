@@ -16,7 +16,6 @@ Nothing here asserts speed: the numbers are for people to read.
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import logging
 import math
@@ -56,11 +55,6 @@ class Workload:
                 f"data.num_examples={self.num_examples}", f"data.eval_examples={self.eval_examples}",
                 "optimizer=adam", f"optimizer.learning_rate={self.learning_rate}"]
 
-    def state_megabytes(self) -> float:
-        """Model weights plus Adam's two slots, float32."""
-        widths = [self.input_dim, *self.hidden, 10]
-        parameters = sum(a * b + b for a, b in itertools.pairwise(widths))
-        return 3 * 4 * parameters / 1e6
 
 
 # ---------------------------------------------------------------------------------------------
