@@ -37,8 +37,8 @@ def train(cfg: DictConfig):
     from harness.data import pipeline
     from harness.distributed import strategy
     from harness.operations import attempt, preemption, run_dir, watchdog
-    from harness.results import export
-    from harness.training import assembly, loop, warm_start
+    from harness.results import export, warm_start
+    from harness.training import assembly, loop
 
     dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)

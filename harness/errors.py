@@ -8,6 +8,7 @@ tracebacks.
 from __future__ import annotations
 
 import enum
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -97,3 +98,12 @@ def exit_code_of(run: Callable[[Any], Any], argument: Any) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return int(error.exit_code)
     return int(getattr(outcome, "exit_code", ExitCode.SUCCESS))
+
+
+def error_summary(error: BaseException, *, limit: int = 300) -> str:
+    """The first line of an exception's message, without TensorFlow's op-location decorations:
+    what a one-paragraph error message quotes of the failure underneath it."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", text.strip())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "Graph execution" not in line]
+    return (lines[0] if lines else type(error).__name__)[:limit]

@@ -29,7 +29,7 @@ def _override(command: list[str], key: str) -> str | None:
 
 
 def _newest_checkpoint(command: list[str]) -> str:
-    from harness.checkpoint.checkpointer import list_checkpoints
+    from harness.checkpoint.files import list_checkpoints
 
     directory = _override(command, "checkpoint.dir") or f"{_override(command, 'run_dir')}/checkpoints"
     found = list_checkpoints(directory)

@@ -38,13 +38,14 @@ def main(argv: list[str]) -> int:
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # a second sooner (harness/lean_import.py)
+    from harness.checkpoint import contents as checkpoint_contents
     from harness.results import inspection
 
     located = inspection.locate(args.path)
     print("\n".join(inspection.format_listing(located, inspection.describe(located))), flush=True)
     prefix = inspection.select(located, args.step)
     if args.diff is None:
-        lines = inspection.format_variables(prefix, inspection.read_variables(prefix))
+        lines = inspection.format_variables(prefix, checkpoint_contents.read_variables(prefix))
         lines += inspection.format_provenance(prefix)
         if located.run_dir:
             lines += inspection.format_run_record(located.run_dir)

@@ -13,8 +13,9 @@ import keras
 import pytest
 import tensorflow as tf
 
-from harness.checkpoint import checkpointer as checkpointing
-from harness.checkpoint.checkpointer import Checkpointer, collective_read_variables
+from harness.checkpoint import writing
+from harness.checkpoint.checkpointer import Checkpointer
+from harness.checkpoint.writing import collective_read_variables
 from harness.training.state import TrainState, create_train_state
 
 
@@ -25,7 +26,7 @@ def small_state() -> TrainState:
 
 @pytest.fixture
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
-    """Every fsync the checkpointing module makes: (path, the checkpoint recorded as latest at that moment)."""
+    """Every fsync the checkpoint writing module makes: (path, the checkpoint recorded as latest at that moment)."""
     calls: list[tuple[str, str | None]] = []
     real_fsync = os.fsync
 
@@ -35,7 +36,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
         calls.append((path, tf.train.latest_checkpoint(directory)))
         real_fsync(descriptor)
 
-    monkeypatch.setattr(checkpointing.os, "fsync", recording_fsync)
+    monkeypatch.setattr(writing.os, "fsync", recording_fsync)
     return calls
 
 
@@ -87,7 +88,7 @@ def test_sync_on_read_variables_are_the_ones_that_need_every_worker() -> None:
     plain = tf.Variable(2.0)
     tree = {"model": {"dense": {"kernel": mirrored}}, "metrics": {"total": summed}, "step": plain}
     assert collective_read_variables(tree) == ["metrics/total"]
-    assert collective_read_variables(checkpointing.backing_variables(small_state().checkpoint_items())) == []
+    assert collective_read_variables(writing.backing_variables(small_state().checkpoint_items())) == []
 
 
 @pytest.mark.parametrize("recorded_before", [True, False])

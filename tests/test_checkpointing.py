@@ -95,8 +95,8 @@ def test_all_checkpoints_unreadable_is_refused_without_touching_them(run_copy: P
 @pytest.mark.parametrize(
     ("overrides", "expected_lines"),
     [
-        (("model.hidden=[48]",), ["model/dense_0/kernel: checkpoint (64, 32) vs model (64, 48)",
-                                  "model/logits/kernel: checkpoint (32, 10) vs model (48, 10)"]),
+        (("model.hidden=[48]",), ["model/dense_0/kernel: checkpoint [64, 32] float32 vs model [64, 48] float32",
+                                  "model/logits/kernel: checkpoint [32, 10] float32 vs model [48, 10] float32"]),
         (("model.hidden=[32,32]",), ["only in the model", "model/dense_1/kernel"]),
         (("optimizer=sgd",), ["only in the checkpoint", "optimizer/dense_0_kernel_velocity"]),
     ],
@@ -121,7 +121,7 @@ def test_a_dead_workers_private_save_directory_is_removed_and_a_live_ones_kept(t
     import subprocess
     import sys
 
-    from harness.checkpoint.checkpointer import remove_dead_workers_writes
+    from harness.checkpoint.writing import remove_dead_workers_writes
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, live = (tmp_path / f"harness-worker-ckpt-{pid}-7f00" for pid in (int(finished.stdout), os.getpid()))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import train
-from harness.checkpoint.checkpointer import list_checkpoints
+from harness.checkpoint.files import list_checkpoints
 from harness.control.actions import (
     ApplyBatchSkips,
     Evaluate,

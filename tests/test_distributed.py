@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checkpoint.checkpointer import CHECKPOINT_NAME, list_checkpoints
+from harness.checkpoint.files import CHECKPOINT_NAME, list_checkpoints
 from harness.distributed import cluster
 from harness.errors import ExitCode
 from tests.background import BackgroundRun

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.checkpoint import contents as checkpoint_contents
 from harness.checkpoint import provenance
 from harness.checkpoint.checkpointer import Checkpointer
 from harness.config import run_config
@@ -96,7 +97,7 @@ def test_corrupted_and_truncated_checkpoints_are_not_intact(saved_run: Path, tmp
 
 def test_variables_are_listed_by_group_with_shape_and_dtype(saved_run: Path) -> None:
     prefix = str(saved_run / "checkpoints" / "ckpt-60")
-    variables = inspection.read_variables(prefix)
+    variables = checkpoint_contents.read_variables(prefix)
     groups = {name: variable.group for name, variable in variables.items()}
     assert groups["model/dense_0/kernel"] == "model"
     assert groups["optimizer/iteration"] == "optimizer"

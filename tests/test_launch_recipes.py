@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.checkpoint.checkpointer import list_checkpoints
+from harness.checkpoint.files import list_checkpoints
 from harness.errors import NOT_RETRYABLE
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, subprocess_env

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from harness.errors import CheckpointError, ConfigError
-from harness.training.warm_start import init_model_weights
+from harness.results.warm_start import init_model_weights
 from models.mlp import build_mlp
 
 INPUT_DIM, HIDDEN, CLASSES = 12, 8, 3

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checkpoint.checkpointer import list_checkpoints, read_provenance
+from harness.checkpoint.contents import read_provenance
+from harness.checkpoint.files import list_checkpoints
 from harness.errors import ExitCode
 from harness.results.inspection import format_run_record
 from scripts.tooling.chaos import compare_checkpoints

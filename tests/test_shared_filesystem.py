@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkpoint.checkpointer import list_checkpoints, read_provenance
+from harness.checkpoint.contents import read_provenance
+from harness.checkpoint.files import list_checkpoints
 from harness.errors import ExitCode
 from tests.background import BackgroundRun
 from tests.conftest import assert_ok, checkpoint_values, event_scalars, run_train, subprocess_env, train_command

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checkpoint.checkpointer import list_checkpoints
+from harness.checkpoint.files import list_checkpoints
 from tests.background import BackgroundRun
 from tests.conftest import PROJECT_ROOT, TINY, checkpoint_values, subprocess_env
 from tests.slurm_cluster import NODE_NAME, SlurmCluster, ensure_installed

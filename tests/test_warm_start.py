@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from harness.errors import CheckpointError
-from harness.training.warm_start import init_model_weights
+from harness.results.warm_start import init_model_weights
 from tests.conftest import assert_ok, checkpoint_values, run_train
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"

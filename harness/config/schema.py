@@ -403,7 +403,7 @@ class Config:
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
-    # Warm start (harness/training/warm_start.py): model weights only, optimizer fresh, step 0. Ignored when
+    # Warm start (harness/results/warm_start.py): model weights only, optimizer fresh, step 0. Ignored when
     # checkpoint.dir already holds checkpoints: resuming beats warm-starting.
     init_from: str | None = None  # a run_dir, a checkpoint prefix, a TF1 Saver checkpoint or a .weights.h5
     init_from_skip: list[str] = field(default_factory=list)  # globs of model variables left initialised

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from harness.checkpoint import provenance
-from harness.checkpoint.checkpointer import check_writable
+from harness.checkpoint.writing import check_writable
 from harness.config.run_config import RunConfig
 from harness.errors import (
     CrashLoopError,

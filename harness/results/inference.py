@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from harness.checkpoint.contents import KEY_SUFFIX, compare, expected_variables, read_variables
 from harness.errors import CheckpointError, DataError, HarnessError
 from harness.operations import run_dir as run_files
 from harness.results import inspection
@@ -69,32 +70,23 @@ def load(run_dir: str, checkpoint: int | str | None = None) -> LoadedModel:
     task.restore_signature(signature)
     model = modeling.build_model(record["model"], input_shape=input_shape, num_outputs=task.num_outputs,
                                  seed=int(record.get("seed", 0)))
-    expected = inspection.expected_variables({"model": model_weights_tree(model)})
-    for prefix in _candidates(run_dir, checkpoint):
-        problem = inspection.verify(prefix)
-        if problem is not None:
-            if checkpoint is not None:
-                raise CheckpointError(f"Checkpoint '{prefix}' is not intact ({problem}); choose another one "
-                                      "(scripts/inspect_checkpoint.py lists them).")
-            log.warning("checkpoint %s is not intact (%s); trying an older one", prefix, problem)
-            continue
-        difference = inspection.compare(inspection.read_variables(prefix), expected, groups=["model"])
-        if not difference.empty():
-            raise CheckpointError("\n".join([
-                f"Checkpoint '{prefix}' does not fit the model rebuilt from '{run_files.config_path(run_dir)}' "
-                f"({record['model'].get('_target_')}), so its weights cannot be loaded:", *difference.lines(),
-                "Was config.yaml edited, or does the checkpoint belong to another run? "
-                "scripts/inspect_checkpoint.py --diff shows what a config would restore."]))
-        status = tf.train.Checkpoint(model=model_weights_tree(model)).read(prefix)
-        status.assert_existing_objects_matched()  # every model variable got a value (checked above too)
-        status.expect_partial()  # the optimizer's slots and the step are deliberately not restored
-        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
-        step_key = "step/.ATTRIBUTES/VARIABLE_VALUE"
-        step = int(reader.get_tensor(step_key)) if reader.has_tensor(step_key) else None
-        log.info("loaded %s (step %s) into %s", prefix, step, model.name)
-        return LoadedModel(model, step, prefix, input_shape, str(signature.get("input_dtype", "float32")), task,
-                           record)
-    raise CheckpointError(f"No intact checkpoint in '{inspection.locate(run_dir).directory}' for run '{run_dir}'.")
+    prefix = _chosen_checkpoint(run_dir, checkpoint)
+    difference = compare(read_variables(prefix), expected_variables({"model": model_weights_tree(model)}),
+                         groups=["model"])
+    if not difference.empty():
+        raise CheckpointError("\n".join([
+            f"Checkpoint '{prefix}' does not fit the model rebuilt from '{run_files.config_path(run_dir)}' "
+            f"({record['model'].get('_target_')}), so its weights cannot be loaded:", *difference.lines(),
+            "Was config.yaml edited, or does the checkpoint belong to another run? "
+            "scripts/inspect_checkpoint.py --diff shows what a config would restore."]))
+    status = tf.train.Checkpoint(model=model_weights_tree(model)).read(prefix)
+    status.assert_existing_objects_matched()  # every model variable got a value (checked above too)
+    status.expect_partial()  # the optimizer's slots and the step are deliberately not restored
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    step_key = "step" + KEY_SUFFIX
+    step = int(reader.get_tensor(step_key)) if reader.has_tensor(step_key) else None
+    log.info("loaded %s (step %s) into %s", prefix, step, model.name)
+    return LoadedModel(model, step, prefix, input_shape, str(signature.get("input_dtype", "float32")), task, record)
 
 
 def read_run_records(run_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -116,20 +108,20 @@ def read_run_records(run_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return record, signature
 
 
-def _candidates(run_dir: str, checkpoint: int | str | None) -> list[str]:
+def _chosen_checkpoint(run_dir: str, checkpoint: int | str | None) -> str:
+    """The prefix `checkpoint` names (a prefix, or a step of the run), verified intact; None: the newest
+    intact checkpoint of the run."""
     if isinstance(checkpoint, str):
         located = inspection.locate(checkpoint)
         if located.chosen is None:
             raise CheckpointError(f"'{checkpoint}' is not a checkpoint prefix: expected a path such as "
                                   f"{run_dir}/checkpoints/ckpt-1000 whose .index file exists.")
-        return [located.chosen]
+        return inspection.intact_checkpoint(located)
     located = inspection.locate(run_dir)
     if not located.checkpoints:
         raise CheckpointError(f"Run '{run_dir}' has no checkpoints in '{located.directory}' yet: a run writes its "
                               "first one after checkpoint.every_steps steps.")
-    if checkpoint is not None:
-        return [inspection.select(located, int(checkpoint))]
-    return [prefix for _, prefix in located.checkpoints]
+    return inspection.intact_checkpoint(located, None if checkpoint is None else int(checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------

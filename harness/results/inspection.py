@@ -1,13 +1,12 @@
 """Examining checkpoints without training: where they are, whether they are intact, what they hold.
 
 Owns: turning a user-given path (a run directory, a checkpoint directory or one checkpoint's prefix)
-into checkpoints; the intact check (every tensor read back, so TensorFlow verifies each one's
-checksum); the variable table of a checkpoint, grouped model / optimizer / training state; its
-provenance record and the run's restart record, for people; and the
-comparison of a checkpoint with the variables of a model (and optimizer) built from a config: what
-would not restore. Nothing here writes to the checkpoint directory. `scripts/inspect_checkpoint.py`
-is the command line over this module; `harness/results/inference.py` and `harness/training/warm_start.py` use its
-locating and comparing.
+into checkpoints and choosing the newest intact one; the listing with sizes and intactness; the
+variable table, provenance and restart record, formatted for people; and `diff_against_config`:
+what of a checkpoint would not restore into the model and optimizer a config builds. Reading and
+comparing variables is `harness/checkpoint/contents.py`'s. Nothing here writes to the checkpoint
+directory. `scripts/inspect_checkpoint.py` is the command line over this module;
+`harness/results/inference.py` and `harness/results/warm_start.py` use its locating.
 """
 
 from __future__ import annotations
@@ -16,19 +15,24 @@ import datetime
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tensorflow as tf
 
-from harness.checkpoint.checkpointer import CHECKPOINT_NAME, list_checkpoints
+from harness.checkpoint.contents import (
+    GROUPS,
+    Difference,
+    Variable,
+    compare,
+    expected_variables,
+    is_object_based,
+    read_variables,
+)
+from harness.checkpoint.files import CHECKPOINT_NAME, checkpoints_in, is_prefix, step_of, verify
 from harness.errors import CheckpointError
 from harness.operations import run_dir as run_files
 
 log = logging.getLogger(__name__)
-
-_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"  # object-based checkpoints append it to every variable's key
-_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
-GROUPS = ("model", "optimizer", "training state")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,11 +48,6 @@ class Located:
     run_dir: str | None  # set when the path was a run directory
 
 
-def is_prefix(path: str) -> bool:
-    """True if `path` is a checkpoint prefix (its `.index` file exists)."""
-    return tf.io.gfile.exists(f"{path}.index")
-
-
 def locate(path: str) -> Located:
     """Resolve a run directory, a checkpoint directory or a checkpoint prefix (with or without `.index`).
 
@@ -61,7 +60,7 @@ def locate(path: str) -> Located:
         path = path[: -len(".index")]
     if is_prefix(path):
         directory = os.path.dirname(path) or "."
-        return Located(directory, _checkpoints_in(directory) or [(_step_of(path), path)], path, None)
+        return Located(directory, checkpoints_in(directory) or [(step_of(path), path)], path, None)
     if not tf.io.gfile.isdir(path):
         problem = "is a file but no checkpoint" if tf.io.gfile.exists(path) else "does not exist"
         raise CheckpointError(f"'{path}' {problem}: expected a run directory, a checkpoint directory or a "
@@ -69,8 +68,8 @@ def locate(path: str) -> Located:
     record = run_files.read_config_record(path)
     if record is not None:
         directory = checkpoint_dir_of_run(path, record)
-        return Located(directory, _checkpoints_in(directory), None, path)
-    return Located(path, _checkpoints_in(path), None, None)
+        return Located(directory, checkpoints_in(directory), None, path)
+    return Located(path, checkpoints_in(path), None, None)
 
 
 def checkpoint_dir_of_run(run_dir: str, record: Mapping) -> str:
@@ -80,25 +79,6 @@ def checkpoint_dir_of_run(run_dir: str, record: Mapping) -> str:
     if recorded_run_dir and (directory == recorded_run_dir or directory.startswith(recorded_run_dir.rstrip("/") + "/")):
         return os.path.join(run_dir, os.path.relpath(directory, recorded_run_dir))
     return directory
-
-
-def _checkpoints_in(directory: str) -> list[tuple[int | None, str]]:
-    """Harness checkpoints (`ckpt-<step>`), else whatever TensorFlow's `checkpoint` state file names."""
-    found: list[tuple[int | None, str]] = list(list_checkpoints(directory))
-    if not found:
-        state = tf.train.get_checkpoint_state(directory)  # TF1 Saver / CheckpointManager state file
-        if state is not None:
-            prefixes = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
-            for prefix in reversed(prefixes):
-                prefix = prefix if os.path.isabs(prefix) else os.path.join(directory, prefix)
-                if is_prefix(prefix):
-                    found.append((_step_of(prefix), prefix))
-    return found
-
-
-def _step_of(prefix: str) -> int | None:
-    tail = prefix.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,21 +95,6 @@ class CheckpointInfo:
     @property
     def intact(self) -> bool:
         return self.problem is None
-
-
-def verify(prefix: str) -> str | None:
-    """Read every tensor of a checkpoint; return None if all are readable, else what went wrong.
-
-    TensorFlow checks each tensor's CRC32C while reading, so a flipped byte, a truncated data
-    file and a missing shard are all caught.
-    """
-    try:
-        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError, IndexError) as error:  # IndexError: a truncated data file
-        return _first_line(error)
-    return None
 
 
 def describe(located: Located) -> list[CheckpointInfo]:
@@ -171,96 +136,27 @@ def select(located: Located, step: int | None) -> str:
     raise CheckpointError(f"No checkpoint at step {step} in '{located.directory}': it holds steps {steps}.")
 
 
+def intact_checkpoint(located: Located, step: int | None = None) -> str:
+    """The checkpoint to read weights from: the one the path (or `step`) names, which must be intact,
+    else the newest intact one, older ones being the fallback. `CheckpointError` says which and why."""
+    if step is None and located.chosen is None:
+        return newest_intact(located)
+    prefix = select(located, step)
+    problem = verify(prefix)
+    if problem is not None:
+        raise CheckpointError(f"Checkpoint '{prefix}' is not intact ({problem}); choose another one "
+                              "(scripts/inspect_checkpoint.py lists them).")
+    return prefix
+
+
 # ---------------------------------------------------------------------------------------------
 # What a checkpoint holds
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Variable:
-    name: str  # as written by the harness: model/<layer>/<weight>, optimizer/<slot>, step
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def group(self) -> str:
-        head = self.name.split("/", 1)[0]
-        if head == "provenance":
-            return "provenance"  # metadata (harness/checkpoint/provenance.py), not training state
-        return head if head in ("model", "optimizer") else "training state"
-
-
-def read_variables(prefix: str) -> dict[str, Variable]:
-    """Every variable of a checkpoint by name (object-graph bookkeeping and suffixes removed).
-
-    Name-based TF1 checkpoints have no groups; their names are returned as written.
-    """
-    try:
-        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
-    except (tf.errors.OpError, ValueError) as error:
-        raise CheckpointError(f"Checkpoint '{prefix}' cannot be read: {_first_line(error)}") from None
-    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
-    found = {}
-    for key, shape in shapes.items():
-        if key == _OBJECT_GRAPH:
-            continue
-        name = key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) else key
-        found[name] = Variable(name, tuple(shape), dtypes[key].name)
-    return found
-
-
-def is_object_based(prefix: str) -> bool:
-    """True for TF2 `tf.train.Checkpoint` checkpoints (the harness's), False for TF1 name-based ones."""
-    return tf.compat.v1.train.NewCheckpointReader(prefix).has_tensor(_OBJECT_GRAPH)
-
-
-def expected_variables(items: Mapping[str, object]) -> dict[str, Variable]:
-    """The variables a `tf.train.Checkpoint(**items)` would write, from a write to memory (not disk)."""
-    checkpoint = tf.train.Checkpoint(**items)
-    probe = f"ram://harness-inspection-{id(checkpoint)}/{CHECKPOINT_NAME}"
-    try:
-        return read_variables(checkpoint.write(probe))
-    finally:
-        tf.io.gfile.rmtree(os.path.dirname(probe))
 
 
 # ---------------------------------------------------------------------------------------------
 # What would not restore
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Difference:
-    """How a checkpoint's variables differ from the ones a model (and optimizer) expects."""
-
-    mismatched: list[tuple[Variable, Variable]] = field(default_factory=list)  # (checkpoint, expected)
-    missing: list[Variable] = field(default_factory=list)  # expected, absent from the checkpoint
-    unused: list[Variable] = field(default_factory=list)  # in the checkpoint, expected by nothing
-
-    def empty(self) -> bool:
-        return not (self.mismatched or self.missing or self.unused)
-
-    def lines(self, *, limit: int = 20) -> list[str]:
-        """Human-readable lines, at most `limit` per kind."""
-        out = []
-        for saved, wanted in self.mismatched[:limit]:
-            out.append(f"  {saved.name}: checkpoint {list(saved.shape)} {saved.dtype} vs model "
-                       f"{list(wanted.shape)} {wanted.dtype}")
-        for title, variables in (("only in the model", self.missing), ("only in the checkpoint", self.unused)):
-            if variables:
-                shown = ", ".join(f"{v.name} {list(v.shape)}" for v in variables[:limit])
-                out.append(f"  {title}, {len(variables)}: {shown}" + (" ..." if len(variables) > limit else ""))
-        return out
-
-
-def compare(saved: Mapping[str, Variable], expected: Mapping[str, Variable], *,
-            groups: Sequence[str] = GROUPS) -> Difference:
-    """Compare the variables of `groups` by name, shape and dtype (TensorFlow's `save_counter` aside)."""
-    saved = {n: v for n, v in saved.items() if v.group in groups and n != "save_counter"}
-    expected = {n: v for n, v in expected.items() if v.group in groups and n != "save_counter"}
-    difference = Difference()
-    for name in sorted(saved.keys() & expected.keys()):
-        if (saved[name].shape, saved[name].dtype) != (expected[name].shape, expected[name].dtype):
-            difference.mismatched.append((saved[name], expected[name]))
-    difference.missing = [expected[n] for n in sorted(expected.keys() - saved.keys())]
-    difference.unused = [saved[n] for n in sorted(saved.keys() - expected.keys())]
-    return difference
 
 
 def diff_against_config(prefix: str, overrides: Sequence[str]) -> dict[str, Difference]:
@@ -325,7 +221,7 @@ def format_difference(prefix: str, overrides: Sequence[str], differences: Mappin
 
 def format_provenance(prefix: str) -> list[str]:
     """What wrote the checkpoint: versions, command-line overrides and a few key settings."""
-    from harness.checkpoint.checkpointer import read_provenance
+    from harness.checkpoint.contents import read_provenance
 
     record = read_provenance(prefix)
     if record is None:
@@ -373,8 +269,3 @@ def _size(num_bytes: int) -> str:
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
     return ""
-
-
-def _first_line(error: BaseException) -> str:
-    text = getattr(error, "message", None) or str(error)
-    return (text.strip().splitlines() or [type(error).__name__])[0][:300]

@@ -195,9 +195,10 @@ def compare_checkpoints(first: str | Path, second: str | Path) -> list[str]:
     """Names of the training-state variables that are not bit-identical (or exist in only one)."""
     import tensorflow as tf
 
+    from harness.checkpoint.contents import KEY_SUFFIX, OBJECT_GRAPH_KEY, PROVENANCE_KEY
+
     readers = [tf.train.load_checkpoint(str(path)) for path in (first, second)]
-    bookkeeping = {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE",  # not training state
-                   "provenance/.ATTRIBUTES/VARIABLE_VALUE"}
+    bookkeeping = {OBJECT_GRAPH_KEY, "save_counter" + KEY_SUFFIX, PROVENANCE_KEY}  # not training state
     names = [set(r.get_variable_to_shape_map()) - bookkeeping for r in readers]
     differing = sorted(names[0] ^ names[1])
     for name in sorted(names[0] & names[1]):

@@ -29,6 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from harness.checkpoint.contents import KEY_SUFFIX, is_object_based, read_variables
 from harness.errors import CheckpointError, ConfigError
 from harness.private_apis import nested_layers
 from harness.results import inspection
@@ -82,9 +83,9 @@ class _CheckpointSource:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.object_based = inspection.is_object_based(prefix)
+        self.object_based = is_object_based(prefix)
         self.kind = "checkpoint" if self.object_based else "TF1 name-based checkpoint"
-        self.shapes = {name: v.shape for name, v in inspection.read_variables(prefix).items()}
+        self.shapes = {name: v.shape for name, v in read_variables(prefix).items()}
         self._reader = tf.compat.v1.train.NewCheckpointReader(prefix)
 
     def default_name(self, variable: ModelVariable) -> str:
@@ -100,7 +101,7 @@ class _CheckpointSource:
         return list(self.shapes)
 
     def read(self, name: str) -> np.ndarray:
-        key = f"{name}/.ATTRIBUTES/VARIABLE_VALUE" if self.object_based else name
+        key = name + KEY_SUFFIX if self.object_based else name
         return np.asarray(self._reader.get_tensor(key))
 
 
@@ -162,11 +163,7 @@ def open_source(path: str) -> _CheckpointSource | _KerasWeightsSource:
         raise ConfigError(f"Config key 'init_from' = '{path}' is invalid: {error} Also accepted: a Keras "
                           ".weights.h5 or .keras file.") from None
     try:
-        prefix = inspection.newest_intact(located)
-        problem = inspection.verify(prefix) if located.chosen else None  # newest_intact verified the others
-        if problem is not None:
-            raise CheckpointError(f"Checkpoint '{prefix}' is not intact ({problem}).")
-        return _CheckpointSource(prefix)
+        return _CheckpointSource(inspection.intact_checkpoint(located))
     except CheckpointError as error:
         raise CheckpointError(f"init_from = '{path}': {error}") from None
 
