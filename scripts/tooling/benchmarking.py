@@ -632,8 +632,11 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
                                               async_save=mode == "async", is_chief=True)
     train_steps = _training_steps(train_state)
     train_steps(3)  # trace, and allocate what training needs (gradients, Adam's temporaries)
-    baseline_kib = 0  # the peak of training without saving: the highest of a few rounds (it varies)
-    for _ in range(3):
+    # The peak of training without saving: the highest of 8 rounds. Which of TensorFlow's parallel op
+    # schedules a step takes moves it by ~0.4x the state (gradients and Adam's temporaries alive at
+    # once or not); 3 rounds sometimes saw only the lower one, which a long run does not keep to.
+    baseline_kib = 0
+    for _ in range(8):
         reset_peak_rss()
         train_steps(3)
         baseline_kib = max(baseline_kib, _memory_kib("VmHWM"))
