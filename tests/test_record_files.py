@@ -121,6 +121,35 @@ def test_float_targets_and_int_features(tmp_path: Path, width: int) -> None:
         np.testing.assert_array_equal(read_targets, targets[indices].reshape((4, *shards.target_shape)))
 
 
+def test_records_decoded_at_fixed_offsets_equal_parsed_ones(tmp_path: Path) -> None:
+    """Records laid out like the first one are decoded by numpy (`FixedOffsets`); any other is parsed by TF.
+    Mixed in one batch: ids of other varint widths (0, 127, 128, 2**40, -1); a record of the same length as
+    the first but another target name is refused; float targets, map entries written in another order."""
+    features, _ = _arrays(8)
+    ids = [5, 0, 127, 128, 2**40, -1, 7]
+    records = [_example(row, label) for row, label in zip(features, ids)]
+    records.append(_example(features[7], 9, labels_key="labelz"))  # as long as record 0, another name
+    _write_shard(tmp_path / "a.array_record", records)
+    with RecordShards(str(tmp_path / "a.array_record"), features_key="features", labels_key="labels") as shards:
+        assert shards._offsets is not None  # these records are decoded at fixed offsets
+        read_features, read_ids = shards.read(np.array([6, 0, 1, 2, 3, 4, 5, 0]))
+        np.testing.assert_array_equal(read_features, features[[6, 0, 1, 2, 3, 4, 5, 0]])
+        np.testing.assert_array_equal(read_ids, np.array([7, 5, 0, 127, 128, 2**40, -1, 5]).astype(np.int32))
+        with pytest.raises(DataError, match=r"Record 7 \(record 7 of shard .*a.array_record', data.path\) does not "
+                                            r"match the layout of the first record"):
+            shards.read(np.array([0, 7]))
+    examples = [tf.train.Example() for _ in range(3)]
+    for example, row in zip(examples, features):
+        example.features.feature["labels"].float_list.value.extend(row[:2].tolist())
+        example.features.feature["features"].float_list.value.extend(row.tolist())
+    _write_shard(tmp_path / "b.array_record", [example.SerializeToString() for example in examples])
+    with RecordShards(str(tmp_path / "b.array_record"), features_key="features", labels_key="labels") as shards:
+        assert shards._offsets is not None
+        read_features, read_targets = shards.read(np.array([2, 0, 1]))
+        np.testing.assert_array_equal(read_features, features[[2, 0, 1]])
+        np.testing.assert_array_equal(read_targets, features[[2, 0, 1], :2])
+
+
 def test_synthetic_shards_for_benchmarks(tmp_path: Path) -> None:
     summary = write_synthetic_shards(str(tmp_path / "a"), num_records=2500, feature_size=5, num_classes=3,
                                      records_per_shard=1000)

@@ -1,7 +1,8 @@
 """Random access by index over ArrayRecord shards of `tf.train.Example`s, never loading the data set.
 
 Owns: opening a glob of ArrayRecord shards, checking them at start-up, mapping a global record
-index to (shard, local index), and reading a batch of records by index into numpy arrays. The
+index to (shard, local index), and reading a batch of records by index into numpy arrays (records laid
+out like the first one are decoded at fixed byte offsets by numpy, any other by `tf.io.parse_example`). The
 records have the layout of `data=tfrecord` (see `ExampleLayout`): a fixed-length float or int64
 feature `features_key` and a target `labels_key` that is one int64 (a class id or a token) or one or
 more floats (regression targets).
@@ -102,6 +103,132 @@ class ExampleLayout:
                 f"'{self.labels_key}': {self.target_length} {self.target_dtype.name}")
 
 
+class FixedOffsets:
+    """Decodes a batch of records without protobuf parsing when they are laid out like a template.
+
+    Records written by one writer with a fixed-length float feature (every record this project's
+    converter writes, and most written with `tf.train.Example.SerializeToString`) are byte-identical
+    except for their values: the packed floats lie at the same offsets in every record, and a one-id
+    target is a varint of the same width. `of_record` finds those offsets in a record (a walk of its
+    protobuf wire format) and keeps every other byte as the template; `decode` then checks each
+    record of a batch against the template in a few vectorized comparisons (length, every byte
+    outside the values, a well-formed varint) and copies the values out with numpy, no Python per
+    record. Any record that differs in anything but its values is left for `tf.io.parse_example`:
+    what `decode` returns is always what parsing would return.
+    """
+
+    def __init__(self, template: bytes, features: tuple[int, int], target: tuple[int, int], *,
+                 target_varint: bool) -> None:
+        self.length = len(template)
+        self.features, self.target, self.target_varint = features, target, target_varint
+        outside = np.ones(self.length, dtype=bool)
+        outside[slice(*features)] = outside[slice(*target)] = False
+        self._fixed_positions = np.flatnonzero(outside)
+        self._fixed_bytes = np.frombuffer(template, dtype=np.uint8)[self._fixed_positions]
+
+    @classmethod
+    def of_record(cls, record: bytes, layout: ExampleLayout) -> FixedOffsets | None:
+        """The offsets of `record` (which has `layout`), or None unless its features are packed floats and its
+        target is packed floats or one int64 (then records are decoded by `tf.io.parse_example` only)."""
+        if layout.feature_dtype != tf.float32:
+            return None
+        spans = _packed_value_spans(record)
+        if spans is None or layout.features_key not in spans or layout.labels_key not in spans:
+            return None
+        (feature_kind, *features), (target_kind, *target) = spans[layout.features_key], spans[layout.labels_key]
+        if feature_kind != "float_list" or features[1] - features[0] != 4 * layout.feature_length:
+            return None
+        if target_kind == "float_list" and target[1] - target[0] == 4 * layout.target_length:
+            return cls(record, tuple(features), tuple(target), target_varint=False)
+        if target_kind == "int64_list" and layout.target_length == 1 and target[1] > target[0]:
+            return cls(record, tuple(features), tuple(target), target_varint=True)
+        return None
+
+    def decode(self, records: list[bytes], features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Writes the values of the records that match the template into rows of `features` (float32
+        (n, feature_length)) and `targets` (float32 or int64 (n, target_length)); returns the positions of
+        the others (which may still be valid records, e.g. with a target of another varint width)."""
+        lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+        candidates = np.flatnonzero(lengths == self.length)
+        if not len(candidates):
+            return np.arange(len(records))
+        chosen = records if len(candidates) == len(records) else [records[i] for i in candidates.tolist()]
+        rows = np.frombuffer(b"".join(chosen), dtype=np.uint8).reshape(len(candidates), self.length)
+        same = (rows[:, self._fixed_positions] == self._fixed_bytes).all(axis=1)
+        target_bytes = rows[:, slice(*self.target)]
+        if self.target_varint:  # continuation bit on every byte but the last; at most 64 bits
+            same &= (target_bytes[:, :-1] >= 0x80).all(axis=1) & (target_bytes[:, -1] < 0x80)
+            if target_bytes.shape[1] == 10:
+                same &= target_bytes[:, -1] <= 1
+        if not same.all():
+            candidates, rows, target_bytes = candidates[same], rows[same], target_bytes[same]
+        if self.target_varint:
+            value = np.zeros(len(candidates), dtype=np.uint64)
+            for byte in range(target_bytes.shape[1]):
+                value |= (target_bytes[:, byte] & 0x7F).astype(np.uint64) << np.uint64(7 * byte)
+            target_values = value.view(np.int64).reshape(-1, 1)
+        else:
+            target_values = target_bytes.view("<f4")
+        feature_values = rows[:, slice(*self.features)].view("<f4")  # one copy: into `features` below
+        if len(candidates) == len(records):
+            features[...], targets[...] = feature_values, target_values
+            return candidates[:0]
+        features[candidates], targets[candidates] = feature_values, target_values
+        return np.setdiff1d(np.arange(len(records)), candidates, assume_unique=True)
+
+
+def _packed_value_spans(record: bytes) -> dict[str, tuple[str, int, int]] | None:
+    """For a serialized `tf.train.Example`: per feature name, its kind ('float_list', 'int64_list', ...) and the
+    [start, end) byte offsets of its packed values; None if the record is not laid out that simply (a field
+    repeated or unknown, unpacked values, a malformed record)."""
+    try:
+        example = _fields(record, 0, len(record))
+        if [number for number, *_ in example] != [1]:  # Example: one `features` message
+            return None
+        spans: dict[str, tuple[str, int, int]] = {}
+        for number, start, end in _fields(record, example[0][1], example[0][2]):  # Features: map entries
+            entry = _fields(record, start, end) if number == 1 else None
+            if not entry or [field for field, *_ in entry] != [1, 2]:
+                return None
+            key = record[entry[0][1]:entry[0][2]].decode()
+            feature = _fields(record, entry[1][1], entry[1][2])  # Feature: one of bytes/float/int64 list
+            if key in spans or len(feature) != 1 or feature[0][0] not in (2, 3):
+                return None
+            values = _fields(record, feature[0][1], feature[0][2])  # FloatList/Int64List: packed field 1
+            if [number for number, *_ in values] != [1]:
+                return None
+            spans[key] = ("float_list" if feature[0][0] == 2 else "int64_list", values[0][1], values[0][2])
+        return spans
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _fields(buffer: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field in buffer[start:end]; ValueError for any other
+    wire type or a field running past `end`."""
+    fields = []
+    position = start
+    while position < end:
+        tag, position = _varint_at(buffer, position, end)
+        length, position = _varint_at(buffer, position, end)
+        if tag & 7 != 2 or position + length > end:
+            raise ValueError("not a length-delimited field")
+        fields.append((tag >> 3, position, position + length))
+        position += length
+    return fields
+
+
+def _varint_at(buffer: bytes, position: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < end and shift < 64:
+        byte = buffer[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if byte < 0x80:
+            return value, position
+    raise ValueError("malformed varint")
+
+
 class RecordShards:
     """Read-only random access to the records of every ArrayRecord shard matching a glob pattern.
 
@@ -145,10 +272,10 @@ class RecordShards:
             raise DataError(f"The ArrayRecord files '{self.pattern}' ({self.key}) hold no records. "
                             f"Expected {self._expected}.")
         first_shard = int(np.flatnonzero(self.shard_sizes)[0])
-        self.layout = ExampleLayout.of_record(
-            self._read_shard(first_shard, [0], first_index=int(self.shard_starts[first_shard]))[0],
-            features_key=features_key, labels_key=labels_key,
-            where=f"The first record of '{self.files[first_shard]}' ({self.key})")
+        first_record = self._read_shard(first_shard, [0], first_index=int(self.shard_starts[first_shard]))[0]
+        self.layout = ExampleLayout.of_record(first_record, features_key=features_key, labels_key=labels_key,
+                                              where=f"The first record of '{self.files[first_shard]}' ({self.key})")
+        self._offsets = FixedOffsets.of_record(first_record, self.layout)
         self.feature_shape: tuple[int, ...] = self._checked_feature_shape(feature_shape)
         self.target_shape: tuple[int, ...] = () if self.layout.target_length == 1 else (self.layout.target_length,)
         self.target_dtype = np.dtype(np.int32 if self.layout.target_dtype == tf.int64 else np.float32)
@@ -192,14 +319,21 @@ class RecordShards:
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         serialized = self.read_serialized(indices)
-        try:
-            parsed = tf.io.parse_example(tf.constant(serialized, dtype=tf.string), self.layout.parsing_spec)
-        except tf.errors.InvalidArgumentError as error:
-            raise self._layout_error(indices, serialized, error) from None
-        features = parsed[self.layout.features_key].numpy()
-        targets = parsed[self.layout.labels_key].numpy()
-        return (features.astype(np.float32, copy=False).reshape((len(indices), *self.feature_shape)),
-                targets.astype(self.target_dtype, copy=False))
+        count, layout = len(indices), self.layout
+        features = np.empty((count, layout.feature_length), dtype=np.float32)
+        targets = np.empty((count, layout.target_length), dtype=layout.target_dtype.as_numpy_dtype)
+        # Records laid out like the first one are decoded by numpy; any other is parsed (and checked) by TF.
+        to_parse = self._offsets.decode(serialized, features, targets) if self._offsets else np.arange(count)
+        if len(to_parse):
+            records = [serialized[position] for position in to_parse.tolist()]
+            try:
+                parsed = tf.io.parse_example(tf.constant(records, dtype=tf.string), layout.parsing_spec)
+            except tf.errors.InvalidArgumentError as error:
+                raise self._layout_error(indices[to_parse], records, error) from None
+            features[to_parse] = parsed[layout.features_key].numpy()
+            targets[to_parse] = parsed[layout.labels_key].numpy().reshape(len(to_parse), -1)
+        return (features.reshape((count, *self.feature_shape)),
+                targets.reshape((count, *self.target_shape)).astype(self.target_dtype, copy=False))
 
     def read_serialized(self, indices: np.ndarray) -> list[bytes]:
         """The serialized `tf.train.Example`s at global `indices`, in that order; one batched read per shard."""
