@@ -23,7 +23,7 @@ from harness.control.actions import Action, Boundary
 from harness.control.progress import Progress
 from harness.data.pipeline import SeekableInput
 from harness.distributed.strategy import num_workers
-from harness.errors import StalledError
+from harness.errors import StalledError, error_summary
 from harness.operations.attempt import Attempt
 from harness.operations.preemption import PreemptionWatcher, StopAgreement
 from harness.operations.watchdog import Watchdog
@@ -52,11 +52,6 @@ _PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.erro
                      tf.errors.DeadlineExceededError)
 
 
-def _first_line(error: tf.errors.OpError) -> str:
-    lines = [line.strip() for line in error.message.splitlines() if line.strip() and "Graph execution" not in line]
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
 @dataclass
 class Controller:
     """Drives training from the restored step to `max_steps`: inner loop, then `actions`, repeated."""
@@ -81,7 +76,7 @@ class Controller:
                 raise self.pipeline.read_failure from None
             if isinstance(error, _PEER_LOST_ERRORS) and num_workers(self.strategy) > 1:
                 raise StalledError(
-                    f"Lost contact with another worker at step {self.attempt.step}: {_first_line(error)} That "
+                    f"Lost contact with another worker at step {self.attempt.step}: {error_summary(error)} That "
                     "worker crashed, was killed or froze (check its log). Exiting so the scheduler restarts the "
                     "whole job; every worker resumes from the newest checkpoint.") from None
             raise  # not a lost peer: a bug or a local failure, keep the traceback

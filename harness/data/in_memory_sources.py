@@ -31,8 +31,8 @@ from harness.config.schema import (
     TextDataConfig,
     TFRecordDataConfig,
 )
-from harness.data.record_files import ExampleLayout, first_line, open_tfrecords
-from harness.errors import DataError
+from harness.data.record_files import ExampleLayout, open_tfrecords
+from harness.errors import DataError, error_summary
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def _read_tfrecord(path: str, config: TFRecordDataConfig, *, key: str) -> tuple[
         parsed = [tf.io.parse_example(batch, layout.parsing_spec) for batch in records.batch(8192)]
     except tf.errors.OpError as error:  # a corrupted record, or one whose layout differs from the first
         raise DataError(f"A record in '{path}' ({key}) cannot be read or differs from the first record "
-                        f"({layout.describe()}): {first_line(error.message)}. Expected {expected}.") from None
+                        f"({layout.describe()}): {error_summary(error)}. Expected {expected}.") from None
     features = np.concatenate([batch[config.features_key].numpy() for batch in parsed])
     labels = np.concatenate([batch[config.labels_key].numpy() for batch in parsed])
     if config.feature_shape is not None:

@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from harness.data.record_files import ExampleLayout, expected_records, first_line, open_tfrecords
-from harness.errors import DataError
+from harness.data.record_files import ExampleLayout, expected_records, open_tfrecords
+from harness.errors import DataError, error_summary
 
 # group_size:1 puts each record in its own chunk: a random read decodes one record, not a group.
 # Uncompressed: training reads every record once an epoch, and on 2 cores zstd's decoding cost more
@@ -147,7 +147,7 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
     try:
         tf.io.gfile.makedirs(output_dir)
     except tf.errors.OpError as error:
-        raise DataError(f"Output directory '{output_dir}' cannot be created ({first_line(error.message)}): expected "
+        raise DataError(f"Output directory '{output_dir}' cannot be created ({error_summary(error)}): expected "
                         "a writable directory.") from None
     temporary: list[str] = []
     writer: ArrayRecordWriter | None = None
@@ -180,7 +180,7 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
             with contextlib.suppress(tf.errors.OpError):
                 tf.io.gfile.remove(path)
         if isinstance(error, RuntimeError):  # array-record's report of a failed open or write (disk full, permissions)
-            raise DataError(f"Shards cannot be written to '{output_dir}' ({first_line(str(error))}): expected a "
+            raise DataError(f"Shards cannot be written to '{output_dir}' ({error_summary(error)}): expected a "
                             "writable directory with room for the shards; nothing was kept.") from None
         raise
     finally:
@@ -213,7 +213,7 @@ def _tfrecord_records(pattern: str, *, features_key: str, labels_key: str,
                 read += int(batch.shape[0])
         except tf.errors.OpError as error:  # a truncated or corrupted file
             raise DataError(f"Record {read} or one of the {_CHUNK_ROWS} after it in '{pattern}' cannot be read "
-                            f"({first_line(error.message)}). Expected {expected}.") from None
+                            f"({error_summary(error)}). Expected {expected}.") from None
 
     num_records = sum(int(batch.shape[0]) for batch in batches()) if count else None
 
@@ -225,7 +225,7 @@ def _tfrecord_records(pattern: str, *, features_key: str, labels_key: str,
             except tf.errors.InvalidArgumentError as error:
                 raise DataError(f"A record among records {read}..{read + int(batch.shape[0]) - 1} of '{pattern}' "
                                 f"does not match the layout of the first record ({layout.describe()}): "
-                                f"{first_line(error.message)}. Expected {expected}.") from None
+                                f"{error_summary(error)}. Expected {expected}.") from None
             read += int(batch.shape[0])
             yield list(batch.numpy())
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordReader
 
-from harness.errors import DataError
+from harness.errors import DataError, error_summary
 
 # Random access: no readahead, and reads of a batch run in the calling thread (the tf.data map
 # threads already run in parallel; a nested pool per call was slower, see tests/test_record_files.py).
@@ -289,7 +288,7 @@ class RecordShards:
             reader.read([0])
             reason = "it cannot be opened"
         except (RuntimeError, IndexError) as error:
-            reason = first_line(str(error))
+            reason = error_summary(error)
         with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error again
             reader.close()
         raise DataError(f"Data file '{path}' ({self.key}) is not a readable ArrayRecord file: {reason}. It may be "
@@ -366,7 +365,7 @@ class RecordShards:
             try:
                 record = self._readers[shard].read([local])[0]
             except RuntimeError as error:
-                raise DataError(f"{where} cannot be read: {first_line(str(error))}. The file is corrupted or "
+                raise DataError(f"{where} cannot be read: {error_summary(error)}. The file is corrupted or "
                                 f"truncated; expected {self._expected}. Rewrite the shard "
                                 "(scripts/convert_to_array_record.py).") from None
             if not record:
@@ -386,9 +385,9 @@ class RecordShards:
                 return DataError(
                     f"Record {index} (record {index - self.shard_starts[shard]} of shard '{self.files[shard]}', "
                     f"{self.key}) does not match the layout of the first record ({self.layout.describe()}): "
-                    f"{first_line(single.message)}. Expected {self._expected}.")
+                    f"{error_summary(single)}. Expected {self._expected}.")
         return DataError(f"Records of '{self.pattern}' ({self.key}) cannot be parsed as a batch: "
-                         f"{first_line(error.message)}. Expected {self._expected}.")
+                         f"{error_summary(error)}. Expected {self._expected}.")
 
     def close(self) -> None:
         """Release every shard's file; reads afterwards raise ValueError."""
@@ -402,8 +401,6 @@ class RecordShards:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __len__(self) -> int:
-        return self.num_records
 
 
 def open_tfrecords(pattern: str, *, source: str, expected: str) -> tuple[list[str], tf.data.TFRecordDataset, bytes]:
@@ -419,7 +416,7 @@ def open_tfrecords(pattern: str, *, source: str, expected: str) -> tuple[list[st
     try:
         first = [record.numpy() for record in records.take(1)]
     except tf.errors.OpError as error:  # not a TFRecord file, or its first record is corrupted
-        raise DataError(f"{source}: the files are not readable TFRecord files ({first_line(error.message)}). "
+        raise DataError(f"{source}: the files are not readable TFRecord files ({error_summary(error)}). "
                         f"Expected {expected}.") from None
     if not first:
         raise DataError(f"{source}: the files hold no records. Expected {expected}.")
@@ -431,9 +428,3 @@ def _size_of(path: str) -> str:
         return f"{tf.io.gfile.stat(path).length} bytes"
     except tf.errors.OpError:
         return "no such file"
-
-
-def first_line(message: str) -> str:
-    """An error's first line without TensorFlow's op and function-node decorations."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*", "", message or "").strip()
-    return (text.splitlines() or ["unknown error"])[0][:300]

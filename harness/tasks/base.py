@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from harness.data.in_memory_sources import ExampleArrays
-from harness.errors import ConfigError
+from harness.errors import ConfigError, error_summary
 
 
 class Task:
@@ -125,10 +125,9 @@ def check_model_fits(task: Task, model: Any, examples: ExampleArrays, *, model_n
     try:
         outputs = model(inputs, training=False)
     except Exception as error:  # a model that cannot even take these inputs: say which
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise ConfigError(
             f"Task '{task.name}' cannot use model {model_name}: it fails on the data's inputs {shape_text} "
-            f"{inputs.dtype} ({first_line}). Expected a model mapping those inputs to outputs "
+            f"{inputs.dtype} ({error_summary(error)}). Expected a model mapping those inputs to outputs "
             f"{_shape_text(expected)}; pick a model and data that fit (see README, 'Tasks').") from None
     actual = tuple(int(d) for d in outputs.shape[1:])
     if actual != expected:
