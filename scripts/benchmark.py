@@ -218,8 +218,8 @@ def main() -> None:
         startup(args, work_dir)
     if "checkpoint" in args.sections:
         checkpoint_io(args, work_dir)
-    if "data" in args.sections:  # data bigger than memory: scripts/data_benchmark.py (--workdir keeps the data)
-        import data_benchmark
+    if "data" in args.sections:  # data bigger than memory (--workdir of scripts/data_benchmark.py keeps the data)
+        from scripts.tooling import data_benchmark
 
         data_args = data_benchmark.parse_arguments(["--repeats", str(min(args.repeats, 3))])
         print("\n".join(data_benchmark.run_data_section(data_args)), flush=True)

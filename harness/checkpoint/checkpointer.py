@@ -34,7 +34,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
@@ -70,11 +70,10 @@ _MAX_BACKOFF_SECONDS = 60.0
 
 @dataclass
 class RestoreResult:
-    """What `restore_latest` did: the step restored (None = fresh start) and what was skipped."""
+    """What `restore_latest` did: the step restored and the checkpoint it came from (None = fresh start)."""
 
     step: int | None
     path: str | None
-    skipped: list[str] = field(default_factory=list)  # unreadable checkpoints, newest first
 
 
 
@@ -206,7 +205,7 @@ class Checkpointer:
             log.info("resuming from checkpoint %s at step %d (read, checked and assigned %.1f MB in %.2f s)", path,
                      restored_step, checkpoint_bytes(path) / 1e6, time.perf_counter() - reading_started)
             self._remove_abandoned_writes()
-            return RestoreResult(step=restored_step, path=path, skipped=skipped)
+            return RestoreResult(step=restored_step, path=path)
         if candidates:
             raise CheckpointError(
                 f"None of the {len(candidates)} checkpoints in '{self.directory}' can be read "
