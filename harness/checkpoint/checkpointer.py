@@ -1,8 +1,8 @@
 """Saving and restoring the training state through `tf.train.CheckpointManager`: `Checkpointer`.
 
-Built from `files.py` (names, listing), `contents.py` (variables, mismatch reports) and
-`writing.py` (durable writes, who writes). Owns: where checkpoints live, when they are complete,
-which one a restart trusts, and what is reported when one does not fit the model. Guarantees:
+Saving here (retries with backoff, async writes and their confirmation, who writes); restoring is
+`restoring.py`'s (newest intact first, fallback, mismatch reports), naming and listing `files.py`'s,
+durable writes `writing.py`'s, variables and diffs `contents.py`'s. Together they guarantee:
 - Checkpoints are named `ckpt-<global step>`. TensorFlow writes the data and index to temporary
   names and renames them; the manager records a checkpoint as latest, and only then deletes old
   ones, after the write has finished (also for async saves). So a kill never leaves a
@@ -33,21 +33,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
 
-from harness.checkpoint.contents import Variable, compare, expected_variables, read_provenance, read_variables
 from harness.checkpoint.files import (
     CHECKPOINT_NAME,
-    READ_ERRORS,
     STEP_PATTERN,
-    checkpoint_bytes,
     checkpoint_name,
     list_checkpoints,
 )
+from harness.checkpoint.restoring import Restorer, RestoreResult
 from harness.checkpoint.writing import (
     WRITE_ERRORS,
     backing_variables,
@@ -55,43 +52,18 @@ from harness.checkpoint.writing import (
     collective_read_variables,
     describe_failure,
     private_write_directory,
+    remove_abandoned_writes,
     remove_dead_workers_writes,
     write_options,
 )
 from harness.config.schema import CheckpointConfig
-from harness.errors import CheckpointError, StorageError
+from harness.errors import StorageError
 from harness.private_apis import raise_pending_async_write_error
 from harness.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_SECONDS = 60.0
-
-
-@dataclass
-class RestoreResult:
-    """What `restore_latest` did: the step restored and the checkpoint it came from (None = fresh start)."""
-
-    step: int | None
-    path: str | None
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 class Checkpointer:
@@ -119,6 +91,7 @@ class Checkpointer:
         self._items = {**backing_variables(state.checkpoint_items()), "provenance": self._provenance}
         self._checkpoint = tf.train.Checkpoint(**self._items)
         _ = self._checkpoint.save_counter  # created lazily; must exist for restores to consume it
+        self._restorer = Restorer(self._checkpoint, self._items, state, directory)
         self._state = state
         self.max_consecutive_failures = max_consecutive_failures
         self.retry_backoff_seconds = retry_backoff_seconds
@@ -164,58 +137,12 @@ class Checkpointer:
         Raises `CheckpointError` if checkpoints exist but none can be read (starting over would
         overwrite them), or if one is readable but does not match the state.
         """
-        try:
-            candidates = [(step, path) for step, path in list_checkpoints(self.directory)
-                          if max_step is None or step <= max_step]
-        except tf.errors.OpError as error:
-            raise CheckpointError(
-                f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
-        skipped: list[str] = []
-        for step, path in candidates:
-            reading_started = time.perf_counter()
-            try:
-                saved = read_variables(path)
-            except CheckpointError as error:
-                skipped.append(path)
-                log.warning("checkpoint %s is unreadable (%s); trying an older one", checkpoint_name(path), error)
-                continue
-            if verify is not None:
-                verify(path, read_provenance(path))
-            status = None
-            try:
-                status = self._reader_for(saved).read(path)
-                status.assert_consumed()
-            except READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
-                skipped.append(path)
-                log.warning("checkpoint %s is corrupted (%s); trying an older one", checkpoint_name(path),
-                            describe_failure(error))
-                continue
-            except (AssertionError, ValueError) as error:
-                if status is not None:
-                    status.expect_partial()  # we report the differences ourselves
-                raise CheckpointError(self._mismatch_report(path, saved, str(error))) from None
+        result = self._restorer.restore_newest(verify=verify, max_step=max_step)
+        if result.step is not None:
             self._provenance.assign(self._provenance_text)  # from now on, checkpoints record this process
-            restored_step = int(self._state.step.numpy())
-            if restored_step != step:
-                log.warning("checkpoint %s holds step %d; resuming from the step it holds", checkpoint_name(path),
-                            restored_step)
-            if skipped:
-                log.warning("resumed from %s after skipping unreadable %s", checkpoint_name(path),
-                            ", ".join(checkpoint_name(p) for p in skipped))
-            log.info("resuming from checkpoint %s at step %d (read, checked and assigned %.1f MB in %.2f s)", path,
-                     restored_step, checkpoint_bytes(path) / 1e6, time.perf_counter() - reading_started)
-            self._remove_abandoned_writes()
-            return RestoreResult(step=restored_step, path=path)
-        if candidates:
-            raise CheckpointError(
-                f"None of the {len(candidates)} checkpoints in '{self.directory}' can be read "
-                f"({', '.join(checkpoint_name(p) for _, p in candidates)}). Refusing to start over, which would "
-                "overwrite them: move the directory aside to start a fresh run, or point checkpoint.dir at intact "
-                "copies."
-            )
-        log.info("no checkpoint in %s: starting from step 0", self.directory)
-        self._remove_abandoned_writes()
-        return RestoreResult(step=None, path=None)
+        if self.is_chief:
+            remove_abandoned_writes(self.directory)
+        return result
 
     def delete_newer_than(self, step: int) -> list[int]:
         """Delete every checkpoint after `step`: a rollback abandoned the trajectory they belong to.
@@ -240,44 +167,6 @@ class Checkpointer:
             log.warning("could not delete the abandoned checkpoints after step %d (%s); a restart may replay the "
                         "rollback's divergence", step, describe_failure(error))
         return [saved for saved, _ in newer]
-
-    def _reader_for(self, saved: Mapping[str, Variable]) -> tf.train.Checkpoint:
-        """The checkpoint object to restore with: without `provenance` for checkpoints that lack it."""
-        if "provenance" in saved:
-            return self._checkpoint
-        reader = tf.train.Checkpoint(**{key: value for key, value in self._items.items() if key != "provenance"})
-        _ = reader.save_counter  # consumes the checkpoint's counter, as for `_checkpoint`
-        return reader
-
-    def _remove_abandoned_writes(self) -> None:
-        """Delete what writes a kill interrupted left: `ckpt-N_temp*` directories, and data files
-        whose index was never written (TensorFlow renames the data into place before it writes the
-        index, so a checkpoint without its index was never complete).
-
-        Neither ever held a usable checkpoint. Only called after a successful restore, by the chief.
-        """
-        if not self.is_chief or not tf.io.gfile.isdir(self.directory):
-            return
-        prefix = f"{self.directory.rstrip('/')}/{CHECKPOINT_NAME}-"
-        abandoned_data = [path for path in tf.io.gfile.glob(f"{prefix}*.data-*")
-                          if not tf.io.gfile.exists(path.rsplit(".data-", 1)[0] + ".index")]
-        for abandoned in tf.io.gfile.glob(f"{prefix}*_temp*") + abandoned_data:
-            log.info("removing %s, left by a checkpoint write that was interrupted", abandoned)
-            if tf.io.gfile.isdir(abandoned):
-                tf.io.gfile.rmtree(abandoned)
-            else:
-                tf.io.gfile.remove(abandoned)
-
-    def _mismatch_report(self, path: str, saved: Mapping[str, Variable], detail: str) -> str:
-        difference = compare(saved, expected_variables(self._state.checkpoint_items()))
-        lines = [f"Checkpoint {checkpoint_name(path)} in '{self.directory}' does not match the model and optimizer "
-                 "built from this config, so it cannot be restored:", *difference.lines()]
-        if difference.empty():
-            lines.append(f"  TensorFlow said: {detail.splitlines()[0]}")
-        lines.append("Nothing on disk was changed. Was this run started with the same model/optimizer config "
-                     "(see config.yaml in the run directory)? Or does run_dir / checkpoint.dir point at another "
-                     "experiment? Use a new `experiment=` (or run_dir) to train this config from scratch.")
-        return "\n".join(lines)
 
     # -- save --------------------------------------------------------------------------------------
     @property

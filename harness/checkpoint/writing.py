@@ -10,6 +10,7 @@ part in a save, and the clean-up of the private copies such workers write.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -17,11 +18,14 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from harness.checkpoint.files import CHECKPOINT_NAME
 from harness.errors import CheckpointError, error_summary
 from harness.host import process_alive
 
 # What a failed write raises: OSError from Python-level file operations, OpErrors from TensorFlow's.
 WRITE_ERRORS = (OSError, tf.errors.OpError)
+log = logging.getLogger(__name__)
+
 WORKER_WRITES = "harness-worker-ckpt-"  # + "<pid>-<id>": a non-chief worker's private save directory
 
 
@@ -145,3 +149,23 @@ def bytes_written_by_this_process() -> int | None:
 def private_write_directory(owner: object) -> str:
     """Where a non-chief worker writes its private copy of a save (deleted after each save)."""
     return os.path.join(tempfile.gettempdir(), f"{WORKER_WRITES}{os.getpid()}-{id(owner):x}")
+
+
+def remove_abandoned_writes(directory: str) -> None:
+    """Delete what writes a kill interrupted left: `ckpt-N_temp*` directories, and data files
+    whose index was never written (TensorFlow renames the data into place before it writes the
+    index, so a checkpoint without its index was never complete).
+
+    Neither ever held a usable checkpoint. Call it after a successful restore, on the chief only.
+    """
+    if not tf.io.gfile.isdir(directory):
+        return
+    prefix = f"{directory.rstrip('/')}/{CHECKPOINT_NAME}-"
+    abandoned_data = [path for path in tf.io.gfile.glob(f"{prefix}*.data-*")
+                      if not tf.io.gfile.exists(path.rsplit(".data-", 1)[0] + ".index")]
+    for abandoned in tf.io.gfile.glob(f"{prefix}*_temp*") + abandoned_data:
+        log.info("removing %s, left by a checkpoint write that was interrupted", abandoned)
+        if tf.io.gfile.isdir(abandoned):
+            tf.io.gfile.rmtree(abandoned)
+        else:
+            tf.io.gfile.remove(abandoned)

@@ -1,0 +1,122 @@
+"""Restoring the training state from the newest intact checkpoint, at start-up and for rollbacks.
+
+Owns the choice of checkpoint and what is said about it: newest first; one that cannot be read
+(truncated, corrupted, half-written) is skipped with a warning naming it and the next older one is
+tried; one that is readable but does not fit the state is refused with a report of the differing
+variables (`contents.compare`), before anything is written. TensorFlow verifies each tensor's
+checksum as it reads it, so the data is read once. Restoring never writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+
+from harness.checkpoint.contents import Variable, compare, expected_variables, read_provenance, read_variables
+from harness.checkpoint.files import READ_ERRORS, checkpoint_bytes, checkpoint_name, list_checkpoints
+from harness.checkpoint.writing import describe_failure
+from harness.errors import CheckpointError
+from harness.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreResult:
+    """What a restore did: the step restored and the checkpoint it came from (None = fresh start)."""
+
+    step: int | None
+    path: str | None
+
+
+@dataclass
+class Restorer:
+    """Restores `checkpoint` (a `tf.train.Checkpoint` over `items`: the state and its provenance)."""
+
+    checkpoint: tf.train.Checkpoint
+    items: Mapping[str, object]
+    state: TrainState
+    directory: str
+
+    def restore_newest(self, *, verify: Callable[[str, dict[str, Any] | None], None] | None = None,
+                       max_step: int | None = None) -> RestoreResult:
+        """Restore the newest intact checkpoint of `directory`, or leave the state fresh if none exist.
+
+        `verify(path, provenance)` sees the chosen checkpoint's provenance before anything is
+        restored and may raise to refuse it. `max_step` limits the candidates (for rollbacks).
+        Raises `CheckpointError` if checkpoints exist but none can be read (starting over would
+        overwrite them), or if one is readable but does not match the state.
+        """
+        try:
+            candidates = [(step, path) for step, path in list_checkpoints(self.directory)
+                          if max_step is None or step <= max_step]
+        except tf.errors.OpError as error:
+            raise CheckpointError(
+                f"Checkpoint directory '{self.directory}' cannot be listed: {error.message}") from None
+        skipped: list[str] = []
+        for step, path in candidates:
+            reading_started = time.perf_counter()
+            try:
+                saved = read_variables(path)
+            except CheckpointError as error:
+                skipped.append(path)
+                log.warning("checkpoint %s is unreadable (%s); trying an older one", checkpoint_name(path), error)
+                continue
+            if verify is not None:
+                verify(path, read_provenance(path))
+            status = None
+            try:
+                status = self._reader_for(saved).read(path)
+                status.assert_consumed()
+            except READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
+                skipped.append(path)
+                log.warning("checkpoint %s is corrupted (%s); trying an older one", checkpoint_name(path),
+                            describe_failure(error))
+                continue
+            except (AssertionError, ValueError) as error:
+                if status is not None:
+                    status.expect_partial()  # we report the differences ourselves
+                raise CheckpointError(self._mismatch_report(path, saved, str(error))) from None
+            restored_step = int(self.state.step.numpy())
+            if restored_step != step:
+                log.warning("checkpoint %s holds step %d; resuming from the step it holds", checkpoint_name(path),
+                            restored_step)
+            if skipped:
+                log.warning("resumed from %s after skipping unreadable %s", checkpoint_name(path),
+                            ", ".join(checkpoint_name(p) for p in skipped))
+            log.info("resuming from checkpoint %s at step %d (read, checked and assigned %.1f MB in %.2f s)", path,
+                     restored_step, checkpoint_bytes(path) / 1e6, time.perf_counter() - reading_started)
+            return RestoreResult(step=restored_step, path=path)
+        if candidates:
+            raise CheckpointError(
+                f"None of the {len(candidates)} checkpoints in '{self.directory}' can be read "
+                f"({', '.join(checkpoint_name(p) for _, p in candidates)}). Refusing to start over, which would "
+                "overwrite them: move the directory aside to start a fresh run, or point checkpoint.dir at intact "
+                "copies."
+            )
+        log.info("no checkpoint in %s: starting from step 0", self.directory)
+        return RestoreResult(step=None, path=None)
+
+    def _reader_for(self, saved: Mapping[str, Variable]) -> tf.train.Checkpoint:
+        """The checkpoint object to restore with: without `provenance` for checkpoints that lack it."""
+        if "provenance" in saved:
+            return self.checkpoint
+        reader = tf.train.Checkpoint(**{key: value for key, value in self.items.items() if key != "provenance"})
+        _ = reader.save_counter  # consumes the checkpoint's counter, as for `_checkpoint`
+        return reader
+
+    def _mismatch_report(self, path: str, saved: Mapping[str, Variable], detail: str) -> str:
+        difference = compare(saved, expected_variables(self.state.checkpoint_items()))
+        lines = [f"Checkpoint {checkpoint_name(path)} in '{self.directory}' does not match the model and optimizer "
+                 "built from this config, so it cannot be restored:", *difference.lines()]
+        if difference.empty():
+            lines.append(f"  TensorFlow said: {detail.splitlines()[0]}")
+        lines.append("Nothing on disk was changed. Was this run started with the same model/optimizer config "
+                     "(see config.yaml in the run directory)? Or does run_dir / checkpoint.dir point at another "
+                     "experiment? Use a new `experiment=` (or run_dir) to train this config from scratch.")
+        return "\n".join(lines)
