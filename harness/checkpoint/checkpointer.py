@@ -130,13 +130,8 @@ class Checkpointer:
     # -- restore -----------------------------------------------------------------------------------
     def restore_latest(self, *, verify: Callable[[str, dict[str, Any] | None], None] | None = None,
                        max_step: int | None = None) -> RestoreResult:
-        """Restore the newest intact checkpoint of `directory`, or leave the state fresh if none exist.
-
-        `verify(path, provenance)` sees the chosen checkpoint's provenance before anything is
-        restored and may raise to refuse it. `max_step` limits the candidates (for rollbacks).
-        Raises `CheckpointError` if checkpoints exist but none can be read (starting over would
-        overwrite them), or if one is readable but does not match the state.
-        """
+        """`Restorer.restore_newest` (same arguments and errors); then later saves record this process's
+        provenance, and the chief removes what writes a kill interrupted left."""
         result = self._restorer.restore_newest(verify=verify, max_step=max_step)
         if result.step is not None:
             self._provenance.assign(self._provenance_text)  # from now on, checkpoints record this process
