@@ -38,7 +38,7 @@ def to_typed_config(cfg: DictConfig) -> RunConfig:
     except Exception as error:  # omegaconf raises several types, all naming the key
         raise ConfigError(f"The configuration does not resolve: {error}") from None
     assert isinstance(resolved, dict)
-    values = {key: value for key, value in resolved.items()}
+    values = dict(resolved)
     values["checkpoint"] = dict(resolved["checkpoint"])
     checkpoint_async = bool(values["checkpoint"].pop("async", False))
     _reject_unknown_keys(Config, {k: v for k, v in values.items() if k not in _OPEN_GROUPS + _NAMED_GROUPS},
