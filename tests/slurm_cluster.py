@@ -29,6 +29,14 @@ CRED_EXPIRE_SECONDS = 8  # a requeued job waits this + 1 s (Slurm's default is 1
 SCHED_INTERVAL_SECONDS = 2  # the periodic scheduling pass that starts it then (default 60)
 KILL_WAIT_SECONDS = 10  # between SIGTERM and SIGKILL when a job is cancelled: the save budget
 REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")
+# The daemons live in sbin directories, which are not on every PATH (a non-login or bare environment).
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def _search_path(path: str | None = None) -> str:
+    """`path` (default: this process's PATH) with the sbin directories appended where missing."""
+    parts = [part for part in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep) if part]
+    return os.pathsep.join(parts + [directory for directory in _SBIN if directory not in parts])
 
 SLURM_CONF = """\
 ClusterName=harnesstest
@@ -88,10 +96,11 @@ class SlurmCluster:
         """`base` (default: this process's environment) with `SLURM_CONF` pointing at this cluster."""
         env = dict(os.environ if base is None else base)
         env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = _search_path(env.get("PATH", ""))
         return env
 
     def start(self) -> SlurmCluster:
-        missing = [program for program in REQUIRED_PROGRAMS if not shutil.which(program)]
+        missing = [program for program in REQUIRED_PROGRAMS if not shutil.which(program, path=_search_path())]
         if missing:
             raise SlurmError(f"Slurm programs not found: {', '.join(missing)}; install Debian's slurm-wlm and "
                              "munge (scripts/install_test_services.sh does)")
@@ -196,7 +205,7 @@ def _wait_for(condition, *, timeout: float, what: str, log: Path) -> None:
 
 def ensure_installed() -> None:
     """Install slurm-wlm and munge (as root, with apt-get) if a program is missing; quick if all are there."""
-    if all(shutil.which(program) for program in REQUIRED_PROGRAMS):
+    if all(shutil.which(program, path=_search_path()) for program in REQUIRED_PROGRAMS):
         return
     script = Path(__file__).resolve().parent.parent / "scripts" / "install_test_services.sh"
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
