@@ -86,7 +86,7 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
     assert sorted(seen) == sorted(map(tuple, in_memory.eval_features))
 
 
-def test_token_windows_are_read_by_memmap_and_match_the_bytes(tmp_path: Path) -> None:
+def test_token_windows_are_read_from_the_file_and_match_the_bytes(tmp_path: Path) -> None:
     text = (b"the quick brown fox jumps over the lazy dog. " * 40)
     (tmp_path / "corpus.txt").write_bytes(text)
     np.frombuffer(text, np.uint8).astype(np.uint16).tofile(tmp_path / "corpus.bin")

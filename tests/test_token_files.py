@@ -1,4 +1,5 @@
-"""Token files: windows read through np.memmap equal slices of the tokens; bad files give one DataError."""
+"""Token files: windows read by position equal slices of the tokens, without the file entering the process's
+memory; bad files give one DataError."""
 
 from __future__ import annotations
 
@@ -50,6 +51,25 @@ def test_windows_from_threads(tmp_path: Path) -> None:
     assert not wrong
 
 
+def _resident_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+def test_reading_every_window_leaves_the_file_out_of_the_process_memory(tmp_path: Path) -> None:
+    """Pages read through a mapping would stay resident (RssFile) and grow with the file: peak RSS of a
+    run on a file bigger than memory must not."""
+    np.arange(16 << 20, dtype=np.uint16).tofile(tmp_path / "train.bin")  # 32 MB
+    with TokenFile(str(tmp_path / "train.bin"), dtype="uint16") as token_file:
+        token_file.windows(np.array([0]), 1024)
+        before = _resident_file_kib()
+        starts = np.random.default_rng(0).permutation(np.arange(0, token_file.num_tokens - 1024, 1024))
+        for batch in np.array_split(starts, 64):
+            windows = token_file.windows(batch, 1024)
+            assert np.array_equal(windows[:, 0], batch % 65536)  # arange wraps at uint16
+        assert _resident_file_kib() - before < 4 * 1024
+
+
 def test_bad_token_files(tmp_path: Path) -> None:
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x01\x00\x02\x00\x03")
@@ -68,10 +88,13 @@ def test_bad_token_files(tmp_path: Path) -> None:
 
 
 def test_a_file_cut_short_while_open_is_an_error_not_a_crash(tmp_path: Path) -> None:
-    """Touching a mapped page past the new end of a truncated file would kill the process (SIGBUS)."""
+    """A window past the new end of a truncated file is an error naming both sizes (a memmap would SIGBUS)."""
     np.arange(100_000, dtype=np.uint16).tofile(tmp_path / "train.bin")
     with TokenFile(str(tmp_path / "train.bin"), dtype="uint16") as token_file:
         with (tmp_path / "train.bin").open("r+b") as handle:
             handle.truncate(1000)
         with pytest.raises(DataError, match=r"train.bin' \(data.path\) shrank from 200000 to 1000 bytes"):
             token_file.windows(np.array([99_000]), 64)
+        np.testing.assert_array_equal(token_file.windows(np.array([10]), 4)[0], [10, 11, 12, 13])
+    with pytest.raises(ValueError, match="closed"):
+        token_file.windows(np.array([10]), 4)

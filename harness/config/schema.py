@@ -145,7 +145,7 @@ class DiabetesDataConfig(DataConfig):
 @dataclass
 class TextDataConfig(DataConfig):
     name: str = "text"  # byte-level windows of a text file, for task=language_model
-    path: str | None = None  # a text file, read by np.memmap; None = the default corpus (Python's docs, in memory)
+    path: str | None = None  # a text file, read by position; None = the default corpus (Python's docs, in memory)
     seq_len: int = 128  # tokens (bytes) the model sees per example; targets are the next ones
     eval_fraction: float = 0.1  # the end of the text held out for eval
 
@@ -158,7 +158,7 @@ class ArrayRecordDataConfig(FileDataConfig):
 
 @dataclass
 class TokensDataConfig(DataConfig):
-    name: str = "tokens"  # a flat binary file of token ids (numpy tofile), read by np.memmap (not loaded)
+    name: str = "tokens"  # a flat binary file of token ids (numpy tofile), read by position (not loaded)
     path: str = MISSING
     dtype: str = "uint16"  # uint8 | uint16 | uint32: how the ids were written
     seq_len: int = 256  # tokens the model sees per example; targets are the next ones

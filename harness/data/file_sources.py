@@ -125,14 +125,14 @@ def array_record(config: ArrayRecordDataConfig) -> FileExamples:
 
 
 def tokens(config: TokensDataConfig) -> FileExamples:
-    """A flat binary token file (`data.path`, `data.dtype`) read through `np.memmap`: windows of
+    """A flat binary token file (`data.path`, `data.dtype`) read by position: windows of
     `data.seq_len + 1` tokens; the last `data.eval_fraction` of the file is the eval split."""
     return _token_windows(TokenFile(config.path, dtype=config.dtype), config.seq_len, config.eval_fraction,
                           num_classes=config.vocab_size)
 
 
 def text_file(config: TextDataConfig) -> FileExamples:
-    """`data=text` with a `data.path`: the file's bytes are the tokens (vocabulary 256), read by memmap."""
+    """`data=text` with a `data.path`: the file's bytes are the tokens (vocabulary 256), read by position."""
     return _token_windows(TokenFile(config.path, dtype="uint8"), config.seq_len, config.eval_fraction,
                           num_classes=BYTE_VOCABULARY)
 

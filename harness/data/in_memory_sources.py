@@ -270,7 +270,7 @@ DEFAULT_CORPUS = "Python's reference documentation (pydoc_data.topics)"
 
 
 def _text_bytes(path: str | None) -> np.ndarray:
-    if path is not None:  # training reads files by memmap (harness/data/file_sources.py); this loads a small one
+    if path is not None:  # training reads files by position (harness/data/file_sources.py); this loads a small one
         if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
             raise DataError(f"Config key 'data.path' = '{path}': no such file. Expected a text file (any bytes; each "
                             "byte is one token), or data.path=null for the default corpus.")
