@@ -30,6 +30,7 @@ durable writes `writing.py`'s, variables and diffs `contents.py`'s. Together the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -50,6 +51,7 @@ from harness.checkpoint.writing import (
     backing_variables,
     bytes_written_by_this_process,
     collective_read_variables,
+    deferred_deletions,
     describe_failure,
     private_write_directory,
     remove_abandoned_writes,
@@ -227,7 +229,12 @@ class Checkpointer:
                 return time.perf_counter() - started
             self._step_existed = self._exists(step)
             try:
-                self.manager.save(checkpoint_number=step, options=write_options(async_save=self._save_in_background))
+                # An async save deletes old checkpoints on TensorFlow's writer thread; a sync one in this call.
+                deletions = contextlib.nullcontext() if self._save_in_background else deferred_deletions(
+                    self._write_directory)
+                with deletions:
+                    self.manager.save(checkpoint_number=step,
+                                      options=write_options(async_save=self._save_in_background))
                 if not self.is_chief:
                     self.wait()
                     shutil.rmtree(self._write_directory, ignore_errors=True)

@@ -2,18 +2,22 @@
 costs a process.
 
 Owns the pieces `Checkpointer.save` is built from: the write options (fsync of data, index and
-directory runs before `tf.train.CheckpointManager` records a checkpoint as latest), the check that
-`checkpoint.dir` is writable before any training, which variables make non-chief workers take
-part in a save, and the clean-up of the private copies such workers write.
+directory runs before `tf.train.CheckpointManager` records a checkpoint as latest), deleting old
+checkpoints off the save's critical path, the check that `checkpoint.dir` is writable before any
+training, which variables make non-chief workers take part in a save, and the clean-up of the
+private copies such workers write.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import glob
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -83,6 +87,43 @@ def make_durable(save_path: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+_closer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-deletions")
+
+
+@contextlib.contextmanager
+def deferred_deletions(directory: str) -> Iterator[None]:
+    """Inside this block, deleting a checkpoint's data files costs training next to nothing: the
+    blocks are freed afterwards, on a background thread.
+
+    Past `max_to_keep`, `CheckpointManager.save` deletes the oldest checkpoint while a sync save
+    blocks training, and freeing a file's blocks takes time (measured: 0.16-0.20 s per GB on ext4,
+    cached or not, about a quarter of writing and fsyncing the same GB). Every data file in the
+    directory is held open across the block, so an unlink only removes the name; the last
+    descriptor of a deleted file is closed on a background thread, which frees the blocks. Nothing
+    changes on disk that a plain unlink would not: a kill meanwhile closes the descriptors (the
+    kernel frees the blocks), and a file still in use is closed at once. Local paths only.
+    """
+    if "://" in directory:
+        yield
+        return
+    held = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"{CHECKPOINT_NAME}-*.data-*")):
+        with contextlib.suppress(OSError):  # deleted meanwhile, or unreadable: left to the plain unlink
+            held.append(os.open(path, os.O_RDONLY))
+    try:
+        yield
+    finally:
+        for descriptor in held:
+            try:
+                deleted = os.fstat(descriptor).st_nlink == 0
+            except OSError:
+                deleted = False
+            if deleted:
+                _closer.submit(os.close, descriptor)
+            else:
+                os.close(descriptor)
 
 
 def backing_variables(tree: dict[str, object]) -> dict[str, object]:
