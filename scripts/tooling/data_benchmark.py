@@ -382,6 +382,7 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
     cold_seconds = getattr(args, "cold_seconds", 20.0)
     workdir = getattr(args, "workdir", None) or "/work/bench-data"
     ensure_time_binary()
+    os.makedirs(workdir, exist_ok=True)  # machine_lines asks df about it
     lines = ["## Data bigger than memory (issue 12)", "", *machine_lines(workdir)]
     small = ensure_data_set("small", os.path.join(workdir, "small"), records_for(small_megabytes), with_npz=True)
     large = (ensure_data_set("large", os.path.join(workdir, "large"), records_for(gigabytes * 1000), with_npz=False)
