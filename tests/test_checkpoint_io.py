@@ -26,6 +26,13 @@ def small_state() -> TrainState:
     return create_train_state(model, keras.optimizers.Adam())
 
 
+def chief_checkpointer(directory: Path, *, max_to_keep: int, async_save: bool) -> tuple[TrainState, Checkpointer]:
+    """A small state and the chief's checkpointer of it, saving to `directory`."""
+    state = small_state()
+    return state, Checkpointer(state, directory=str(directory), max_to_keep=max_to_keep, keep_every_hours=None,
+                               async_save=async_save, is_chief=True)
+
+
 @pytest.fixture
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
     """Every fsync the checkpoint writing module makes: (path, the checkpoint recorded as latest at that moment)."""
@@ -45,10 +52,8 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
 @pytest.mark.parametrize("async_save", [False, True])
 def test_every_file_is_fsynced_before_the_checkpoint_is_recorded_as_latest(
         tmp_path: Path, fsyncs: list[tuple[str, str | None]], async_save: bool) -> None:
-    state = small_state()
     directory = tmp_path / "checkpoints"
-    checkpointer = Checkpointer(state, directory=str(directory), max_to_keep=2, keep_every_hours=None,
-                                async_save=async_save, is_chief=True)
+    state, checkpointer = chief_checkpointer(directory, max_to_keep=2, async_save=async_save)
     for step in (10, 20):
         state.step.assign(step)
         checkpointer.save(step)
@@ -86,10 +91,8 @@ def test_a_sync_save_frees_the_checkpoint_it_rotates_out_on_a_background_thread(
         return submit(function, descriptor)
 
     monkeypatch.setattr(writing._closer, "submit", recording_submit)
-    state = small_state()
     directory = tmp_path / "checkpoints"
-    checkpointer = Checkpointer(state, directory=str(directory), max_to_keep=1, keep_every_hours=None,
-                                async_save=False, is_chief=True)
+    state, checkpointer = chief_checkpointer(directory, max_to_keep=1, async_save=False)
     for step in (10, 20):
         state.step.assign(step)
         checkpointer.save(step)
