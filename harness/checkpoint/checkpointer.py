@@ -5,7 +5,8 @@ Saving here (retries with backoff, async writes and their confirmation, who writ
 durable writes `writing.py`'s, variables and diffs `contents.py`'s. Together they guarantee:
 - Checkpoints are named `ckpt-<global step>`. TensorFlow writes the data and index to temporary
   names and renames them; the manager records a checkpoint as latest, and only then deletes old
-  ones, after the write has finished (also for async saves). So a kill never leaves a
+  ones, after the write has finished (also for async saves; a sync save leaves freeing their
+  blocks to a background thread, `writing.deferred_deletions`). So a kill never leaves a
   half-written "latest", and the newest intact checkpoint is never deleted first.
 - `restore_latest` tries checkpoints newest first. One that cannot be read (truncated, corrupted,
   half-written) is skipped with a warning naming it; the next intact one is restored. Every
@@ -231,7 +232,7 @@ class Checkpointer:
             try:
                 # An async save deletes old checkpoints on TensorFlow's writer thread; a sync one in this call.
                 deletions = contextlib.nullcontext() if self._save_in_background else deferred_deletions(
-                    self._write_directory)
+                    self.manager.checkpoints)
                 with deletions:
                     self.manager.save(checkpoint_number=step,
                                       options=write_options(async_save=self._save_in_background))
