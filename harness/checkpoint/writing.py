@@ -117,11 +117,7 @@ def deferred_deletions(checkpoints: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         for descriptor in held:
-            try:
-                deleted = os.fstat(descriptor).st_nlink == 0
-            except OSError:
-                deleted = False
-            if deleted:
+            if os.fstat(descriptor).st_nlink == 0:  # unlinked inside the block: freeing its blocks takes time
                 _closer.submit(os.close, descriptor)
             else:
                 os.close(descriptor)

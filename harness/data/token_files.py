@@ -59,10 +59,10 @@ class TokenFile:
         if self._descriptor is None:
             raise ValueError(f"TokenFile('{self.path}') is closed")
         descriptor, windows = self._descriptor, np.empty((len(starts), length), dtype=self.dtype)
-        window_bytes, itemsize = windows.itemsize * length, self.dtype.itemsize
+        itemsize = self.dtype.itemsize
         try:
             for row, start in zip(windows, starts.tolist()):  # the GIL is released during each read
-                if os.preadv(descriptor, [row], start * itemsize) != window_bytes:
+                if os.preadv(descriptor, [row], start * itemsize) != row.nbytes:
                     self._cut_short(descriptor)
         except OSError as error:
             raise DataError(f"Token file '{self.path}' ({self.key}) cannot be read: {error.strerror or error}. "

@@ -720,7 +720,7 @@ def measure_checkpoint_io(sizes_gigabytes: Sequence[float], *, repeats: int, wor
     results = []
     for size in sizes_gigabytes:
         for mode in ("sync", "async"):
-            code = ("import json, sys; from scripts.tooling import benchmarking as b; "
+            code = (f"import json, sys; import {__name__} as b; "  # this module, wherever it lives
                     f"print('RESULT' + json.dumps(b.checkpoint_io_child({size}, mode={mode!r}, repeats={repeats}, "
                     f"work_dir={work_dir!r})))")
             completed = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=subprocess_env(),
