@@ -27,6 +27,22 @@ TINY = (
 )
 
 
+# The files that take longest (their tests run train.py subprocesses), longest first. pyproject runs
+# the suite with `--dist loadfile --no-loadscope-reorder`: xdist hands whole files to its workers in
+# collection order, so these start first and the many short files fill in around them, instead of a
+# long file starting last and running alone at the end.
+LONGEST_FILES_FIRST = (
+    "test_task_runs.py", "test_fault_tolerance.py", "test_slurm.py", "test_distributed.py",
+    "test_performance_options.py", "test_operations.py", "test_tasks.py", "test_file_sources.py",
+    "test_shared_filesystem.py", "test_train_end_to_end.py", "test_checkpoint_pacing.py", "test_inference.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within a file
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: quiet TF, unbuffered output, no inherited cluster."""
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG",) and not k.startswith("SLURM_")}
