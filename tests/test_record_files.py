@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from harness.data import record_files
 from harness.data.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
 from harness.data.record_files import RecordShards
 from harness.errors import DataError
@@ -56,6 +57,14 @@ def _shards(directory: Path, count: int = 300, **kwargs) -> tuple[str, np.ndarra
     return str(directory / "*.array_record"), features, labels
 
 
+@pytest.fixture(params=["batched", "one_at_a_time"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with every read going through one of `RecordShards`'s two ways to read a shard: array-record's
+    batched read, or `seek` + `read` per record (which it picks by shard size, see BATCHED_READ_MIN_SHARE)."""
+    monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 10**12 if request.param == "batched" else 0)
+    return request.param
+
+
 def _one_paragraph(error: pytest.ExceptionInfo[DataError]) -> str:
     message = str(error.value)
     assert "\n" not in message
@@ -65,7 +74,7 @@ def _one_paragraph(error: pytest.ExceptionInfo[DataError]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Conversion and reading
 # ---------------------------------------------------------------------------------------------
-def test_npz_round_trip_reads_random_indices_across_shards(tmp_path: Path) -> None:
+def test_npz_round_trip_reads_random_indices_across_shards(tmp_path: Path, read_path: str) -> None:
     features, labels = _arrays(1000, (4, 3))
     np.savez(tmp_path / "train.npz", features=features, labels=labels)
     summary = convert_to_array_record(str(tmp_path / "train.npz"), str(tmp_path / "out"), num_shards=3)
@@ -180,7 +189,7 @@ def test_rows_are_encoded_as_protobuf_would(kinds: tuple[str, str]) -> None:
         assert tf.train.Example.FromString(record) == expected
 
 
-def test_reads_from_threads_are_correct_and_measured(tmp_path: Path) -> None:
+def test_reads_from_threads_are_correct_and_measured(tmp_path: Path, read_path: str) -> None:
     """Four threads share the readers; each checks its own batches. Prints records/s (not asserted)."""
     features, labels = _arrays(4000, (784,))
     write_array_shards(features, labels, str(tmp_path), num_shards=4)
@@ -261,7 +270,7 @@ def test_unreadable_shards_are_refused_at_open(tmp_path: Path, damage: str) -> N
     _one_paragraph(raised)
 
 
-def test_a_corrupted_record_is_named_when_first_read(tmp_path: Path) -> None:
+def test_a_corrupted_record_is_named_when_first_read(tmp_path: Path, read_path: str) -> None:
     pattern, features, _ = _shards(tmp_path)
     victim = tmp_path / "data-00001-of-00005.array_record"  # global records 70..139
     content = bytearray(victim.read_bytes())
@@ -279,7 +288,7 @@ def test_a_corrupted_record_is_named_when_first_read(tmp_path: Path) -> None:
                                   np.delete(features, 100, axis=0))  # every other record still reads
 
 
-def test_a_shard_truncated_after_open(tmp_path: Path) -> None:
+def test_a_shard_truncated_after_open(tmp_path: Path, read_path: str) -> None:
     pattern, features, _ = _shards(tmp_path)
     shards = RecordShards(pattern, features_key="features", labels_key="labels")
     victim = tmp_path / "data-00003-of-00005.array_record"  # global records 210..279
@@ -293,7 +302,7 @@ def test_a_shard_truncated_after_open(tmp_path: Path) -> None:
     np.testing.assert_array_equal(shards.read(np.arange(210))[0], features[:210])
 
 
-def test_a_record_with_another_layout_is_named_when_first_read(tmp_path: Path) -> None:
+def test_a_record_with_another_layout_is_named_when_first_read(tmp_path: Path, read_path: str) -> None:
     features, labels = _arrays(20)
     records = [_example(row, label) for row, label in zip(features, labels)]
     records[13] = _example(features[13][:5], labels[13])  # one value short

@@ -37,6 +37,13 @@ READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 # are read past it directly. Measured on 3 KB records: 22 % less CPU per batch than Grain's 32 KiB
 # (docs/benchmarks.md, section 6); the same for 48 KB records, slightly less for 300 B ones.
 READER_BUFFER_BYTES = 4096
+# array-record's batched `read(indices)` allocates and scans one slot per record of the shard on every
+# call (`ParallelReadRecordsWithIndices`): O(shard size) per call however few records it asks for. A
+# batch of 256 random records of an 8 GB set (27 shards of ~97 000 records) cost 15-22 ms of CPU that
+# way, and 1.5-1.9 ms read by `seek` + `read` (O(1) per record). So a call reads one record at a time
+# unless it asks for at least 1 in BATCHED_READ_MIN_SHARE of its shard's records: then the scan costs
+# at most ~3 µs per record, and the batched read runs outside the GIL on array-record's thread pool.
+BATCHED_READ_MIN_SHARE = 1024
 
 
 def expected_records(features_key: str, labels_key: str) -> str:
@@ -236,15 +243,19 @@ class RecordShards:
 
     Global record indices run through the shards in sorted file-name order (`files`): shard s holds
     `shard_sizes[s]` records starting at global index `shard_starts[s]`; `num_records` in all.
-    Opening reads each shard's footer and index (8 bytes per record) and its first record; nothing
-    else is held in memory. Every record shares the first one's `layout`; `read` returns features
-    float32 (n, *feature_shape) and targets (n, *target_shape) of `target_dtype` (int32 for an int64
-    class id or token, float32 for float targets; target_shape is () for one value, (k,) for k).
-    `read` and `read_serialized` may be called from many threads at once (e.g. tf.data map calls):
-    they share one reader per shard; the reader is thread-safe and releases the GIL while reading,
-    and per-thread readers measured no faster. In a tf.data graph, `read_serialized` in a
-    `tf.numpy_function` followed by `tf.io.parse_example(..., parsing_spec)` parses outside the GIL.
-    Call `close` once no read is in progress.
+    Opening reads each shard's footer and index (8 bytes per record, twice for a shard also read
+    record by record) and its first record; nothing else is held in memory. Every record shares the
+    first one's `layout`; `read` returns features float32 (n, *feature_shape) and targets
+    (n, *target_shape) of `target_dtype` (int32 for an int64 class id or token, float32 for float
+    targets; target_shape is () for one value, (k,) for k).
+    A read of a shard asks for few of its records (a batch spread over many or big shards) or many
+    (see BATCHED_READ_MIN_SHARE): few are read one by one with `seek` + `read`, O(1) each, holding the
+    GIL; many by array-record's batched read, which scans the whole shard's index but runs outside the
+    GIL on array-record's thread pool. Each read costs O(records asked for), never O(data set size).
+    `read` and `read_serialized` may be called from many threads at once (e.g. tf.data map calls).
+    In a tf.data graph, `read_serialized` in a `tf.numpy_function` followed by
+    `tf.io.parse_example(..., parsing_spec)` parses outside the GIL. Call `close` once no read is in
+    progress.
     """
 
     def __init__(self, pattern: str, *, features_key: str, labels_key: str,
@@ -256,6 +267,11 @@ class RecordShards:
             raise DataError(f"Config key '{key}' = '{pattern}' matches no file. Expected ArrayRecord shards of "
                             f"{self._expected} (scripts/convert_to_array_record.py writes them).")
         self._readers: list[ArrayRecordReader] = []
+        # Per shard, a second reader for `seek` + `read`, opened on first use: array-record readers are thread
+        # compatible, not thread-safe, so the batched reads (const) must not share one with seeks; and one
+        # thread at a time seeks and reads it.
+        self._seekable: list[ArrayRecordReader | None] = []
+        self._seeking: list[threading.Lock] = []
         self._closed = threading.Event()
         try:
             self._open_and_check(features_key, labels_key, feature_shape)
@@ -266,6 +282,8 @@ class RecordShards:
     def _open_and_check(self, features_key: str, labels_key: str, feature_shape: Sequence[int] | None) -> None:
         for path in self.files:
             self._readers.append(self._open(path))
+            self._seekable.append(None)
+            self._seeking.append(threading.Lock())
         self.shard_sizes = np.array([reader.num_records() for reader in self._readers], dtype=np.int64)
         # shard_starts[s] is the global index of shard s's first record; the last entry is the total.
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
@@ -356,26 +374,52 @@ class RecordShards:
         return records
 
     def _read_shard(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
-        try:
-            records = self._readers[shard].read(local_indices)
-        except RuntimeError:
-            records = None
+        if len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]:
+            records = self._read_one_at_a_time(shard, local_indices, first_index=first_index)
+        else:
+            try:
+                records = self._readers[shard].read(local_indices)
+            except RuntimeError:
+                records = None
         if records is not None and all(records):
             return records
         # array-record returns b"" for a record past the end of a file truncated after it was opened.
         for local in local_indices:  # find the first bad record to name it
-            where = f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', {self.key})"
             try:
                 record = self._readers[shard].read([local])[0]
             except RuntimeError as error:
-                raise DataError(f"{where} cannot be read: {error_summary(error)}. The file is corrupted or "
-                                f"truncated; expected {self._expected}. Rewrite the shard "
-                                "(scripts/convert_to_array_record.py).") from None
+                raise self._unreadable(shard, local, first_index, error) from None
             if not record:
-                raise DataError(f"{where} is empty: the file was truncated or replaced after it was opened (it has "
-                                f"{_size_of(self.files[shard])} now). Expected {self._expected}.")
+                raise DataError(f"{self._where(shard, local, first_index)} is empty: the file was truncated or "
+                                f"replaced after it was opened (it has {_size_of(self.files[shard])} now). Expected "
+                                f"{self._expected}.")
         raise DataError(f"Records {sorted(local_indices)[:8]}... of shard '{self.files[shard]}' ({self.key}) cannot "
                         f"be read together though each can alone; expected {self._expected}.")
+
+    def _read_one_at_a_time(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
+        """The records by `seek` + `read` (see BATCHED_READ_MIN_SHARE); a `DataError` names one that cannot be read."""
+        with self._seeking[shard]:
+            reader = self._seekable[shard] or self._open(self.files[shard])
+            self._seekable[shard] = reader
+            records = []
+            for local in local_indices:
+                try:
+                    reader.seek(local)
+                    records.append(reader.read())
+                except RuntimeError as error:
+                    self._seekable[shard] = None  # a failed read leaves a reader failed for good: open a new one
+                    with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error again
+                        reader.close()
+                    raise self._unreadable(shard, local, first_index, error) from None
+            return records
+
+    def _where(self, shard: int, local: int, first_index: int) -> str:
+        return f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', {self.key})"
+
+    def _unreadable(self, shard: int, local: int, first_index: int, error: RuntimeError) -> DataError:
+        return DataError(f"{self._where(shard, local, first_index)} cannot be read: {error_summary(error)}. The file "
+                         f"is corrupted or truncated; expected {self._expected}. Rewrite the shard "
+                         "(scripts/convert_to_array_record.py).")
 
     def _layout_error(self, indices: np.ndarray, serialized: list[bytes],
                       error: tf.errors.InvalidArgumentError) -> DataError:
@@ -395,7 +439,7 @@ class RecordShards:
     def close(self) -> None:
         """Release every shard's file; reads afterwards raise ValueError."""
         self._closed.set()
-        for reader in self._readers:
+        for reader in [*self._readers, *filter(None, self._seekable)]:
             reader.close()
 
     def __enter__(self) -> RecordShards:
