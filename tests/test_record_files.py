@@ -8,6 +8,7 @@ throughput (a measurement, not an assertion).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from harness.data import record_files
+from harness.data.page_cache import PageCacheProbe
 from harness.data.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
 from harness.data.record_files import RecordShards
 from harness.errors import DataError
@@ -62,6 +64,7 @@ def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Runs a test with every read going through one of `RecordShards`'s two ways to read a shard: array-record's
     batched read, or `seek` + `read` per record (which it picks by shard size, see BATCHED_READ_MIN_SHARE)."""
     monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 10**12 if request.param == "batched" else 0)
+    monkeypatch.setattr(PageCacheProbe, "mostly_cached", lambda probe, index: True)
     return request.param
 
 
@@ -237,6 +240,53 @@ def _parse_with_protobuf(records: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     examples = [tf.train.Example.FromString(record) for record in records]
     return (np.array([example.features.feature["features"].float_list.value for example in examples], np.float32),
             np.array([example.features.feature["labels"].int64_list.value[0] for example in examples], np.int32))
+
+
+def _evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written back first; no root needed)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def test_the_page_cache_probe_follows_eviction_and_reads(tmp_path: Path) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(8 << 20))
+    probe = PageCacheProbe([str(path)], refresh_every=1)
+    assert probe.mostly_cached(0), "a file just written is in the page cache"
+    _evict(path)
+    assert not probe.mostly_cached(0), f"{path} is still cached after POSIX_FADV_DONTNEED: is {tmp_path} a tmpfs?"
+    path.read_bytes()
+    assert probe.mostly_cached(0)
+    cached_answers = PageCacheProbe([str(path)], refresh_every=4)
+    assert cached_answers.mostly_cached(0)
+    _evict(path)
+    assert [cached_answers.mostly_cached(0) for _ in range(3)] == [True, True, False]  # the 4th question samples
+
+
+def test_few_records_of_a_big_shard_are_read_one_at_a_time_only_while_it_is_cached(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    features, labels = _arrays(3000)
+    write_array_shards(features, labels, str(tmp_path), num_shards=1)
+    monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 999)  # 3 records or fewer per call: one at a time
+    one_at_a_time: list[int] = []
+    read_one_at_a_time = RecordShards._read_one_at_a_time
+    monkeypatch.setattr(RecordShards, "_read_one_at_a_time",
+                        lambda shards, shard, local, **kwargs: one_at_a_time.append(len(local))
+                        or read_one_at_a_time(shards, shard, local, **kwargs))
+    with RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels") as shards:
+        shards._page_cache = PageCacheProbe(shards.files, refresh_every=1)
+        indices = np.array([2999, 7, 1500])
+        np.testing.assert_array_equal(shards.read(indices)[0], features[indices])
+        np.testing.assert_array_equal(shards.read(np.arange(10))[1], labels[:10])
+        assert one_at_a_time == [1, 1, 3], "the first record twice at open, then the 3 records; not the 10"
+        _evict(Path(shards.files[0]))
+        np.testing.assert_array_equal(shards.read(indices)[0], features[indices])  # batched: the disk is waited on
+        assert one_at_a_time == [1, 1, 3]
 
 
 # ---------------------------------------------------------------------------------------------

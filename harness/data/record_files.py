@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordReader
 
+from harness.data.page_cache import PageCacheProbe
 from harness.errors import DataError, error_summary
 
 # Random access: no readahead, and reads of a batch run in the calling thread (the tf.data map
@@ -44,6 +45,9 @@ READER_BUFFER_BYTES = 4096
 # unless it asks for at least 1 in BATCHED_READ_MIN_SHARE of its shard's records: then the scan costs
 # at most ~3 µs per record, and the batched read runs outside the GIL on array-record's thread pool.
 BATCHED_READ_MIN_SHARE = 1024
+# But `seek` + `read` waits for the disk holding the GIL, one record at a time, where the batched read keeps
+# many reads in flight (cold 8 GB set: 29-33 against 54-67 MB/s). So records are read one at a time only
+# from shards whose pages are in the page cache (sampled, see PageCacheProbe).
 
 
 def expected_records(features_key: str, labels_key: str) -> str:
@@ -249,9 +253,10 @@ class RecordShards:
     (n, *target_shape) of `target_dtype` (int32 for an int64 class id or token, float32 for float
     targets; target_shape is () for one value, (k,) for k).
     A read of a shard asks for few of its records (a batch spread over many or big shards) or many
-    (see BATCHED_READ_MIN_SHARE): few are read one by one with `seek` + `read`, O(1) each, holding the
-    GIL; many by array-record's batched read, which scans the whole shard's index but runs outside the
-    GIL on array-record's thread pool. Each read costs O(records asked for), never O(data set size).
+    (see BATCHED_READ_MIN_SHARE): few are read one by one with `seek` + `read` if the shard is in the
+    page cache (O(1) each, holding the GIL); many, or any from a shard that is not cached, by
+    array-record's batched read, which scans the whole shard's index but runs outside the GIL with
+    many reads in flight on array-record's thread pool.
     `read` and `read_serialized` may be called from many threads at once (e.g. tf.data map calls).
     In a tf.data graph, `read_serialized` in a `tf.numpy_function` followed by
     `tf.io.parse_example(..., parsing_spec)` parses outside the GIL. Call `close` once no read is in
@@ -272,6 +277,7 @@ class RecordShards:
         # thread at a time seeks and reads it.
         self._seekable: list[ArrayRecordReader | None] = []
         self._seeking: list[threading.Lock] = []
+        self._page_cache = PageCacheProbe(self.files)
         self._closed = threading.Event()
         try:
             self._open_and_check(features_key, labels_key, feature_shape)
@@ -374,7 +380,8 @@ class RecordShards:
         return records
 
     def _read_shard(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
-        if len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]:
+        if (len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]
+                and self._page_cache.mostly_cached(shard)):
             records = self._read_one_at_a_time(shard, local_indices, first_index=first_index)
         else:
             try:
