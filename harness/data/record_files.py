@@ -31,8 +31,8 @@ from array_record.python.array_record_module import ArrayRecordReader
 from harness.data.page_cache import PageCacheProbe
 from harness.errors import DataError, error_summary
 
-# Random access: no readahead, and reads of a batch run in the calling thread (the tf.data map
-# threads already run in parallel; a nested pool per call was slower, see tests/test_record_files.py).
+# Random access: no readahead around a record, no sequential read-ahead on a thread pool (batched reads use
+# array-record's own pool whatever these say).
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 # Each random read fills this buffer from the file: one page, not 1 MiB around the record. Larger records
 # are read past it directly. Measured on 3 KB records: 22 % less CPU per batch than Grain's 32 KiB
