@@ -8,6 +8,7 @@ throughput (a measurement, not an assertion).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -21,8 +22,8 @@ import pytest
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from harness.data import record_files
-from harness.data.page_cache import PageCacheProbe
+from harness.data import page_cache, record_files
+from harness.data.page_cache import IN_MEMORY_FILESYSTEMS, PageCacheProbe, filesystem_type
 from harness.data.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
 from harness.data.record_files import RecordShards
 from harness.errors import DataError
@@ -217,7 +218,12 @@ def test_reads_from_threads_are_correct_and_measured(tmp_path: Path, read_path: 
         return threads * rounds * 256 / (time.perf_counter() - start)
 
     read_and_check(0, 1)  # warm the page cache
-    single, four = records_per_second(1, 12), records_per_second(4, 6)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads swap between a seek and its read unless the shard's lock holds them
+    try:
+        single, four = records_per_second(1, 12), records_per_second(4, 6)
+    finally:
+        sys.setswitchinterval(switch_interval)
     assert not failures
     parse_example = _parse_rate(lambda records: tf.io.parse_example(records, shards.parsing_spec), shards, batches)
     protobuf = _parse_rate(_parse_with_protobuf, shards, batches)
@@ -258,13 +264,47 @@ def test_the_page_cache_probe_follows_eviction_and_reads(tmp_path: Path) -> None
     probe = PageCacheProbe([str(path)], refresh_every=1)
     assert probe.mostly_cached(0), "a file just written is in the page cache"
     _evict(path)
-    assert not probe.mostly_cached(0), f"{path} is still cached after POSIX_FADV_DONTNEED: is {tmp_path} a tmpfs?"
+    if filesystem_type(str(tmp_path)) in IN_MEMORY_FILESYSTEMS:  # a tmpfs cannot evict: its files live in memory
+        assert probe.mostly_cached(0)
+        return
+    assert not probe.mostly_cached(0), f"{path} is still cached after POSIX_FADV_DONTNEED"
     path.read_bytes()
     assert probe.mostly_cached(0)
-    cached_answers = PageCacheProbe([str(path)], refresh_every=4)
-    assert cached_answers.mostly_cached(0)
+    refreshed_every_4 = PageCacheProbe([str(path)], refresh_every=4)
+    assert refreshed_every_4.mostly_cached(0)
     _evict(path)
-    assert [cached_answers.mostly_cached(0) for _ in range(3)] == [True, True, False]  # the 4th question samples
+    assert [refreshed_every_4.mostly_cached(0) for _ in range(3)] == [True, True, False]  # the 4th question samples
+    path.read_bytes()
+    refreshed_every_4.found_slow(0)
+    assert [refreshed_every_4.mostly_cached(0) for _ in range(4)] == [False, False, False, True]
+
+
+def test_the_probe_says_no_where_the_kernel_cannot_tell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"x" * 4096)
+
+    def unsupported(*args: object) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", unsupported)  # a network or FUSE mount
+    assert not PageCacheProbe([str(path)]).mostly_cached(0)
+    monkeypatch.setattr(page_cache, "filesystem_type", lambda path: "tmpfs")  # tmpfs rejects RWF_NOWAIT too
+    assert PageCacheProbe([str(path)]).mostly_cached(0)
+    monkeypatch.delattr(os, "RWF_NOWAIT")  # not Linux
+    assert not PageCacheProbe([str(path)]).mostly_cached(0)
+
+
+class _Probe:
+    """Stands in for PageCacheProbe: answers what the test says."""
+
+    def __init__(self) -> None:
+        self.cached = True
+
+    def mostly_cached(self, index: int) -> bool:
+        return self.cached
+
+    def found_slow(self, index: int) -> None:
+        self.cached = False
 
 
 def test_few_records_of_a_big_shard_are_read_one_at_a_time_only_while_it_is_cached(tmp_path: Path,
@@ -279,14 +319,31 @@ def test_few_records_of_a_big_shard_are_read_one_at_a_time_only_while_it_is_cach
                         lambda shards, shard, local, **kwargs: one_at_a_time.append(len(local))
                         or read_one_at_a_time(shards, shard, local, **kwargs))
     with RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels") as shards:
-        shards._page_cache = PageCacheProbe(shards.files, refresh_every=1)
+        shards._page_cache = probe = _Probe()
         indices = np.array([2999, 7, 1500])
         np.testing.assert_array_equal(shards.read(indices)[0], features[indices])
         np.testing.assert_array_equal(shards.read(np.arange(10))[1], labels[:10])
         assert one_at_a_time == [1, 1, 3], "the first record twice at open, then the 3 records; not the 10"
-        _evict(Path(shards.files[0]))
+        probe.cached = False
         np.testing.assert_array_equal(shards.read(indices)[0], features[indices])  # batched: the disk is waited on
         assert one_at_a_time == [1, 1, 3]
+        probe.cached = True
+        monkeypatch.setattr(record_files, "SLOW_RECORD_SECONDS", 0.0)  # every read counts as slow
+        shards.read(indices)
+        assert one_at_a_time == [1, 1, 3, 3] and not probe.cached, "slow reads mark the shard as not cached"
+
+
+def test_shards_of_record_groups_are_never_read_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seek into a group of records decodes the whole group: the batched read decodes it once per call."""
+    features, labels = _arrays(40)
+    writer = ArrayRecordWriter(str(tmp_path / "grouped.array_record"), "group_size:16")
+    for row, label in zip(features, labels):
+        writer.write(_example(row, label))
+    writer.close()
+    monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 0)
+    with RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels") as shards:
+        assert shards._reads_one_at_a_time == [False]
+        np.testing.assert_array_equal(shards.read(np.array([39, 0, 17]))[0], features[[39, 0, 17]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import resource
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,7 +50,9 @@ READER_BUFFER_BYTES = 4096
 BATCHED_READ_MIN_SHARE = 1024
 # But `seek` + `read` waits for the disk holding the GIL, one record at a time, where the batched read keeps
 # many reads in flight (cold 8 GB set: 29-33 against 54-67 MB/s). So records are read one at a time only
-# from shards whose pages are in the page cache (sampled, see PageCacheProbe).
+# from shards whose pages are in the page cache (sampled, see PageCacheProbe), and a shard whose records
+# take longer than this each (~6-8 µs when cached) counts as not cached until it is sampled again.
+SLOW_RECORD_SECONDS = 200e-6
 
 
 def expected_records(features_key: str, labels_key: str) -> str:
@@ -286,11 +291,16 @@ class RecordShards:
             raise
 
     def _open_and_check(self, features_key: str, labels_key: str, feature_shape: Sequence[int] | None) -> None:
+        _allow_open_files(2 * len(self.files))
         for path in self.files:
             self._readers.append(self._open(path))
-            self._seekable.append(None)
             self._seeking.append(threading.Lock())
         self.shard_sizes = np.array([reader.num_records() for reader in self._readers], dtype=np.int64)
+        # Opened now, on the files the main readers opened (not whatever is at the path later). Only for shards
+        # of one record per chunk: with bigger groups every seek would decode a whole group, holding the GIL.
+        self._seekable = [self._open(path) if size > BATCHED_READ_MIN_SHARE and _one_record_per_chunk(reader)
+                          else None for path, size, reader in zip(self.files, self.shard_sizes, self._readers)]
+        self._reads_one_at_a_time = [reader is not None for reader in self._seekable]
         # shard_starts[s] is the global index of shard s's first record; the last entry is the total.
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self.num_records = int(self.shard_starts[-1])
@@ -316,6 +326,12 @@ class RecordShards:
             reason = "it cannot be opened"
         except (RuntimeError, IndexError) as error:
             reason = error_summary(error)
+        if "Too many open files" in reason:
+            with contextlib.suppress(RuntimeError):
+                reader.close()
+            raise DataError(f"Data file '{path}' ({self.key}) cannot be opened: too many open files (the limit is "
+                            f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; {len(self.files)} shards take two "
+                            "each). Raise the limit (`ulimit -n`) or write fewer, larger shards.")
         with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error again
             reader.close()
         raise DataError(f"Data file '{path}' ({self.key}) is not a readable ArrayRecord file: {reason}. It may be "
@@ -380,7 +396,7 @@ class RecordShards:
         return records
 
     def _read_shard(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
-        if (len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]
+        if (self._reads_one_at_a_time[shard] and len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]
                 and self._page_cache.mostly_cached(shard)):
             records = self._read_one_at_a_time(shard, local_indices, first_index=first_index)
         else:
@@ -406,24 +422,39 @@ class RecordShards:
     def _read_one_at_a_time(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
         """The records by `seek` + `read` (see BATCHED_READ_MIN_SHARE); a `DataError` names one that cannot be read."""
         with self._seeking[shard]:
-            reader = self._seekable[shard] or self._open(self.files[shard])
+            if self._closed.is_set():
+                raise ValueError(f"RecordShards('{self.pattern}') is closed")
+            reader = self._seekable[shard] or self._reopen(shard)
             self._seekable[shard] = reader
             records = []
+            started = time.perf_counter()
             for local in local_indices:
                 try:
                     reader.seek(local)
                     records.append(reader.read())
-                except RuntimeError as error:
+                except (RuntimeError, IndexError) as error:
                     self._seekable[shard] = None  # a failed read leaves a reader failed for good: open a new one
                     with contextlib.suppress(RuntimeError):  # closing a failed reader raises its error again
                         reader.close()
                     raise self._unreadable(shard, local, first_index, error) from None
+            if time.perf_counter() - started > SLOW_RECORD_SECONDS * len(local_indices):
+                self._page_cache.found_slow(shard)
             return records
+
+    def _reopen(self, shard: int) -> ArrayRecordReader:
+        """A new reader for `seek` + `read` after one failed, if the shard still holds what it held at start-up."""
+        reader = self._open(self.files[shard])
+        if reader.num_records() != self.shard_sizes[shard]:
+            reader.close()
+            raise DataError(f"Data file '{self.files[shard]}' ({self.key}) changed while training read it: it holds "
+                            f"{reader.num_records()} records now, {self.shard_sizes[shard]} at start-up. Expected the "
+                            "shards to stay as they were for the whole run; rewrite them only between runs.")
+        return reader
 
     def _where(self, shard: int, local: int, first_index: int) -> str:
         return f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', {self.key})"
 
-    def _unreadable(self, shard: int, local: int, first_index: int, error: RuntimeError) -> DataError:
+    def _unreadable(self, shard: int, local: int, first_index: int, error: Exception) -> DataError:
         return DataError(f"{self._where(shard, local, first_index)} cannot be read: {error_summary(error)}. The file "
                          f"is corrupted or truncated; expected {self._expected}. Rewrite the shard "
                          "(scripts/convert_to_array_record.py).")
@@ -475,6 +506,20 @@ def open_tfrecords(pattern: str, *, source: str, expected: str) -> tuple[list[st
     if not first:
         raise DataError(f"{source}: the files hold no records. Expected {expected}.")
     return files, records, first[0]
+
+
+def _one_record_per_chunk(reader: ArrayRecordReader) -> bool:
+    """Whether the shard was written with group_size:1 (this project's converter), so a seek decodes one record."""
+    return "group_size:1" in reader.writer_options_string().split(",")
+
+
+def _allow_open_files(count: int) -> None:
+    """Raise this process's soft limit on open files toward its hard limit if `count` more might not fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = len(os.listdir("/proc/self/fd")) + count + 64 if os.path.isdir("/proc/self/fd") else soft + count
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
 
 
 def _size_of(path: str) -> str:
