@@ -27,6 +27,7 @@ from harness.data.page_cache import IN_MEMORY_FILESYSTEMS, PageCacheProbe, files
 from harness.data.record_conversion import convert_to_array_record, write_array_shards, write_synthetic_shards
 from harness.data.record_files import RecordShards
 from harness.errors import DataError
+from scripts.tooling.data_benchmark import evict
 from tests.conftest import PROJECT_ROOT, subprocess_env
 
 
@@ -248,22 +249,12 @@ def _parse_with_protobuf(records: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
             np.array([example.features.feature["labels"].int64_list.value[0] for example in examples], np.int32))
 
 
-def _evict(path: Path) -> None:
-    """Drop a file's pages from the page cache (written back first; no root needed)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(descriptor)
-
-
 def test_the_page_cache_probe_follows_eviction_and_reads(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(np.random.default_rng(0).bytes(8 << 20))
     probe = PageCacheProbe([str(path)], refresh_every=1)
     assert probe.mostly_cached(0), "a file just written is in the page cache"
-    _evict(path)
+    evict([str(path)])
     if filesystem_type(str(tmp_path)) in IN_MEMORY_FILESYSTEMS:  # a tmpfs cannot evict: its files live in memory
         assert probe.mostly_cached(0)
         return
@@ -272,7 +263,7 @@ def test_the_page_cache_probe_follows_eviction_and_reads(tmp_path: Path) -> None
     assert probe.mostly_cached(0)
     refreshed_every_4 = PageCacheProbe([str(path)], refresh_every=4)
     assert refreshed_every_4.mostly_cached(0)
-    _evict(path)
+    evict([str(path)])
     assert [refreshed_every_4.mostly_cached(0) for _ in range(3)] == [True, True, False]  # the 4th question samples
     path.read_bytes()
     refreshed_every_4.found_slow(0)

@@ -277,9 +277,9 @@ class RecordShards:
             raise DataError(f"Config key '{key}' = '{pattern}' matches no file. Expected ArrayRecord shards of "
                             f"{self._expected} (scripts/convert_to_array_record.py writes them).")
         self._readers: list[ArrayRecordReader] = []
-        # Per shard, a second reader for `seek` + `read`, opened on first use: array-record readers are thread
-        # compatible, not thread-safe, so the batched reads (const) must not share one with seeks; and one
-        # thread at a time seeks and reads it.
+        # Per shard, a second reader for `seek` + `read` (opened with the main one, see `_open_and_check`):
+        # array-record readers are thread compatible, not thread-safe, so the batched reads (const) must not
+        # share one with seeks; and one thread at a time seeks and reads it.
         self._seekable: list[ArrayRecordReader | None] = []
         self._seeking: list[threading.Lock] = []
         self._page_cache = PageCacheProbe(self.files)
