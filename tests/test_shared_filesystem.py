@@ -144,7 +144,16 @@ def fill(filesystem: Path) -> Path:
 
 
 def remount(filesystem: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(filesystem)], check=True, capture_output=True)
+    """Linux refuses a read-only remount ("mount point is busy") while a file on it is open for writing or
+    deleted but still open: a training run has one open for a moment during each save. Retry until between."""
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(["mount", "-o", f"remount,{mode}", str(filesystem)], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        if "busy" not in result.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"remount,{mode} of {filesystem} failed: {result.stderr}")
+        time.sleep(0.05)
 
 
 def test_a_full_disk_then_a_read_only_filesystem_mid_run(tmp_path: Path) -> None:
