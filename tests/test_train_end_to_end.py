@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.tooling.benchmarking import LOG_MARKS
 from tests.conftest import (
     PROJECT_ROOT,
     TRAIN_PY,
@@ -42,6 +43,8 @@ def test_default_run_trains_checkpoints_logs_and_resumes(run_dir: Path) -> None:
 
     # Non-TTY progress: plain periodic log lines with rate and ETA.
     assert "step 10/60" in result.stdout and "steps/s, eta" in result.stdout
+    # scripts/benchmark.py times start-ups to these log lines.
+    assert all(mark.search(result.stdout + result.stderr) for mark in LOG_MARKS.values())
 
     # TensorBoard: everything the README promises, read back with TensorBoard's loader.
     scalars = event_scalars(run_dir / "tensorboard")

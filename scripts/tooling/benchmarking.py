@@ -343,8 +343,11 @@ def bare_import_and_build_seconds(workload: Workload) -> float:
 
 
 # Log lines of a train.py child that mark phases of its start-up (Hydra's default log format).
-_MARKS = {"strategy built (TensorFlow imported)": re.compile(r"\]\[harness\.strategy\]\[INFO\] - strategy: "),
-          "checkpoint restored": re.compile(r"\]\[harness\.checkpointing\]\[INFO\] - (resuming from|no checkpoint)")}
+# The log lines a train.py child is timed to (any harness logger: the modules may move). Checked
+# against a real run's log by tests/test_train_end_to_end.py.
+LOG_MARKS = {"strategy built (TensorFlow imported)": re.compile(r"\]\[harness\.[\w.]+\]\[INFO\] - strategy: "),
+             "checkpoint restored": re.compile(r"\]\[harness\.[\w.]+\]\[INFO\] - (resuming from checkpoint|"
+                                               r"no checkpoint in)")}
 _LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 
 
@@ -354,7 +357,7 @@ class ChildTimeline:
 
     first_step: float  # the first step of this process logged (its TensorBoard event)
     exit: float
-    marks: dict[str, float]  # see _MARKS; from the log line's timestamp (millisecond resolution)
+    marks: dict[str, float]  # see LOG_MARKS; from the log line's timestamp (millisecond resolution)
 
 
 def train_child_timeline(overrides: Sequence[str], *, run_dir: str, first_step: int) -> ChildTimeline:
@@ -369,7 +372,7 @@ def train_child_timeline(overrides: Sequence[str], *, run_dir: str, first_step: 
     marks = {}
     for line in stdout.splitlines():
         stamp = _LOG_TIME.match(line)
-        for name, pattern in _MARKS.items():
+        for name, pattern in LOG_MARKS.items():
             if stamp and name not in marks and pattern.search(line):
                 clock = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1e3
                 marks[name] = clock - launched
@@ -494,7 +497,7 @@ def measure_startup(*, work_dir: str, repeats: int, seed: int = 0) -> StartupRes
     shuffler = random.Random(seed)
     labels = {"pass": "python -c pass", "tensorflow": "python -c 'import tensorflow'"}
     seconds: dict[str, list[float]] = {label: [] for label in labels.values()}
-    for name in [*(f"train.py: launch -> {mark}" for mark in _MARKS), "train.py: launch -> first step",
+    for name in [*(f"train.py: launch -> {mark}" for mark in LOG_MARKS), "train.py: launch -> first step",
                  "train.py: launch -> exit"]:
         seconds[name] = []
     for repeat in range(repeats):
