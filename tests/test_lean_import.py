@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from tests.conftest import PROJECT_ROOT, TINY, TRAIN_PY, assert_ok, subprocess_env
@@ -35,3 +36,21 @@ def test_scikit_learn_still_imports_afterwards() -> None:
                             env=subprocess_env(), timeout=240)
     assert_ok(result)
     assert result.stdout.strip().splitlines()[-1] == "(1797, 64)"
+
+
+def test_the_import_leaves_the_garbage_collector_on_with_tensorflow_frozen() -> None:
+    """The import runs without the cyclic collector (its full passes re-scan TensorFlow as it loads);
+    afterwards collection is back on, TensorFlow's objects are frozen, and new cycles are still freed."""
+    code = textwrap.dedent("""
+        import gc, weakref
+        from harness.lean_import import import_tensorflow
+        import_tensorflow()
+        class Cycle: pass
+        cycle = Cycle(); cycle.me = cycle; alive = weakref.ref(cycle); del cycle
+        gc.collect()
+        print(gc.isenabled(), gc.get_freeze_count() > 100_000, alive() is None)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env=subprocess_env(), timeout=240)
+    assert_ok(result)
+    assert result.stdout.strip().splitlines()[-1] == "True True True"
