@@ -160,8 +160,10 @@ class SeekableInput:
                 return self._file_batch(self.examples.eval, indices, weights)
             return Batch(tf.gather(features, indices), tf.gather(targets, indices), weights)
 
-        dataset = tf.data.Dataset.range(self.eval_steps * local_replicas).map(
-            make_batch, num_parallel_calls=tf.data.AUTOTUNE if self.from_files else None, deterministic=True)
+        dataset = tf.data.Dataset.range(self.eval_steps * local_replicas)
+        # In-memory gathers are cheap enough to run inline; file reads go in parallel, in order.
+        dataset = (dataset.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                   if self.from_files else dataset.map(make_batch))
         return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
     def replica_train_batch(self, features: tf.Tensor, targets: tf.Tensor, *, step: tf.Tensor, replica: tf.Tensor,
