@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from harness.checkpoint import writing
 from harness.checkpoint.checkpointer import Checkpointer
+from harness.checkpoint.files import list_checkpoints
 from harness.checkpoint.writing import collective_read_variables
 from harness.training.state import TrainState, create_train_state
 
@@ -156,3 +157,56 @@ def test_a_checkpoint_killed_before_it_was_recorded_is_restored_then_rotated_lik
         successor.save(step)
     assert sorted(p.name for p in directory.iterdir()) == ["checkpoint", "ckpt-13.data-00000-of-00001",
                                                           "ckpt-13.index"]
+
+
+def _steps_on_disk(directory: Path) -> list[int]:
+    return sorted(step for step, _ in list_checkpoints(str(directory)))
+
+
+@pytest.mark.parametrize("restarted_before_rollback", [False, True])
+def test_checkpoints_a_rollback_deleted_no_longer_count_toward_max_to_keep(
+        tmp_path: Path, restarted_before_rollback: bool) -> None:
+    """A rollback to ckpt-200 deletes the abandoned ckpt-300 and ckpt-400. Still listed by the manager (in
+    memory, or in the state file a restarted run reads), they would make the next save rotate out the
+    restored ckpt-200 while only two checkpoints exist."""
+    directory = tmp_path / "checkpoints"
+    state, writer = chief_checkpointer(directory, max_to_keep=3, async_save=False)
+    for step in (100, 200, 300, 400):
+        state.step.assign(step)
+        writer.save(step)
+    if restarted_before_rollback:
+        state, writer = chief_checkpointer(directory, max_to_keep=3, async_save=False)
+    assert writer.restore_latest(max_step=250).step == 200
+    assert writer.delete_newer_than(200) == [400, 300]
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-200")
+
+    state.step.assign(237)  # where the replay skips batches: a step no save used before
+    writer.save(237)
+    assert _steps_on_disk(directory) == [200, 237]
+    for step in (300, 400):
+        state.step.assign(step)
+        writer.save(step)
+    assert _steps_on_disk(directory) == [237, 300, 400]
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-400")
+
+
+def test_a_rollback_to_a_checkpoint_kept_by_keep_every_hours_keeps_it(tmp_path: Path) -> None:
+    """The restored ckpt-200 was rotated out of the manager's list but kept by `keep_every_hours`; the rollback
+    deletes ckpt-300, the only one listed. ckpt-200 becomes latest and stays kept: no manager built from the
+    state file would rotate it out."""
+    directory = tmp_path / "checkpoints"
+    state = small_state()
+
+    def checkpointer() -> Checkpointer:
+        return Checkpointer(state, directory=str(directory), max_to_keep=1, keep_every_hours=1e-9, async_save=False,
+                            is_chief=True)
+
+    writer = checkpointer()
+    for step in (100, 200, 300):
+        state.step.assign(step)
+        writer.save(step)
+    assert writer.restore_latest(max_step=250).step == 200
+    assert writer.delete_newer_than(200) == [300]
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-200")
+    assert checkpointer().manager.checkpoints == []
+    assert _steps_on_disk(directory) == [100, 200]

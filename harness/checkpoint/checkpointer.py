@@ -13,7 +13,8 @@ durable writes `writing.py`'s, variables and diffs `contents.py`'s. Together the
   variable of the state must be restored from the checkpoint and every value in the checkpoint
   must be used: otherwise a `CheckpointError` lists the differences, before anything is written.
 - Restoring never writes to the checkpoint directory; a run that fails at start-up leaves it as
-  it was.
+  it was. A rollback deletes the checkpoints after the one it restored, from the disk and from the
+  manager's state file, so `max_to_keep` counts only checkpoints that exist.
 - Only the chief writes to `checkpoint.dir`, and only while `before_write` (the lease check)
   passes. Other workers of a multi-worker job write nothing: every variable of the state is
   mirrored, so the chief's copy is the checkpoint. Only a state holding sync-on-read variables
@@ -161,10 +162,39 @@ class Checkpointer:
             for _, path in newer:
                 for data_file in tf.io.gfile.glob(f"{path}.data-*"):
                     tf.io.gfile.remove(data_file)
+            if newer:
+                self._forget({checkpoint_name(path) for _, path in newer})
         except WRITE_ERRORS as error:
             log.warning("could not delete the abandoned checkpoints after step %d (%s); a restart may replay the "
                         "rollback's divergence", step, describe_failure(error))
         return [saved for saved, _ in newer]
+
+    def _forget(self, deleted: set[str]) -> None:
+        """Drop the `deleted` checkpoints from the manager's state file, and the manager built from it.
+
+        Left listed there, they count toward `max_to_keep`, and the saves after a rollback would rotate
+        out the checkpoint it restored while fewer than `max_to_keep` exist. If no listed one remains (the
+        restored checkpoint was kept by `keep_every_hours`), the newest on disk is recorded as preserved:
+        latest for `tf.train.latest_checkpoint`, never rotated out.
+        """
+        self._manager = None  # rebuilt from the rewritten state file at the next save
+        state = tf.train.get_checkpoint_state(self.directory)
+        if state is None:
+            return
+        paths, timestamps = list(state.all_model_checkpoint_paths), list(state.all_model_checkpoint_timestamps)
+        if len(timestamps) != len(paths):
+            timestamps = [state.last_preserved_timestamp] * len(paths)  # as the manager reads such a file
+        kept = [(path, stamp) for path, stamp in zip(paths, timestamps) if checkpoint_name(path) not in deleted]
+        preserved = state.last_preserved_timestamp
+        if not kept:
+            remaining = list_checkpoints(self.directory)
+            if not remaining:
+                return
+            stamp = tf.io.gfile.stat(f"{remaining[0][1]}.index").mtime_nsec / 1e9
+            kept, preserved = [(remaining[0][1], stamp)], max(preserved, stamp)
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, kept[-1][0], all_model_checkpoint_paths=[path for path, _ in kept],
+            all_model_checkpoint_timestamps=[stamp for _, stamp in kept], last_preserved_timestamp=preserved)
 
     # -- save --------------------------------------------------------------------------------------
     @property
