@@ -87,11 +87,13 @@ def train(cfg: DictConfig):
                 pacer=pacing.SavePacer.from_config(run.checkpoint, start_step=start_step or 0),
                 summaries=tensorboard, progress=display, trainer=run.trainer, watchdog=hang_watchdog,
                 attempt=this_attempt, stop_exit_code=run.preemption.exit_code)
-            outcome = controller.Controller(
-                strategy=dist, state=train_state, pipeline=inputs, train_loop=train_loop, actions=boundary_actions,
-                max_steps=run.trainer.max_steps, steps_per_loop=run.trainer.steps_per_loop, watcher=watcher,
-                attempt=this_attempt, watchdog=hang_watchdog, progress=display,
-            ).run()
+            with actions.saves_landed_on_error(checkpoints, hang_watchdog):
+                outcome = controller.Controller(
+                    strategy=dist, state=train_state, pipeline=inputs, train_loop=train_loop,
+                    actions=boundary_actions, max_steps=run.trainer.max_steps,
+                    steps_per_loop=run.trainer.steps_per_loop, watcher=watcher, attempt=this_attempt,
+                    watchdog=hang_watchdog, progress=display,
+                ).run()
         this_attempt.finish(outcome.status.value, step=outcome.step)
     export.export_finished_run(model, run.export, task=task, input_shape=examples.input_shape,
                                input_dtype=examples.input_dtype,

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import pytest
+import tensorflow as tf
 
 import train
+from harness.checkpoint.checkpointer import Checkpointer
 from harness.checkpoint.files import list_checkpoints
+from harness.config.schema import WatchdogConfig
 from harness.control.actions import (
     ApplyBatchSkips,
     Evaluate,
@@ -22,8 +26,12 @@ from harness.control.actions import (
     SaveCheckpoint,
     StopOnLostLease,
     StopOnSignal,
+    saves_landed_on_error,
 )
 from harness.control.controller import Status
+from harness.errors import DataError
+from harness.operations.watchdog import Watchdog
+from harness.training.state import create_train_state
 from tests.conftest import compose, event_scalars
 
 
@@ -61,3 +69,21 @@ def test_the_actions_run_in_the_order_that_makes_every_checkpoint_good() -> None
     signature = actions.standard_actions.__code__.co_varnames[:actions.standard_actions.__code__.co_kwonlyargcount]
     built = actions.standard_actions(**{name: None for name in signature})
     assert [type(action) for action in built] == order
+
+
+@pytest.mark.parametrize("error", [DataError("a shard went bad mid-run"), RuntimeError("a bug")])
+def test_an_error_that_ends_the_run_lets_the_async_save_in_flight_reach_the_disk(
+        tmp_path: Path, error: Exception) -> None:
+    """train.py leaves through `os._exit`, which drops TensorFlow's writer thread: the save in flight when an
+    error ends the run must be on disk (and recorded) by the time the error leaves the controller's block."""
+    model = keras.Sequential([keras.Input((2048,)), keras.layers.Dense(4096, name="dense")], name="net")
+    state = create_train_state(model, keras.optimizers.Adam())  # ~100 MB with Adam's slots: a write that takes time
+    directory = tmp_path / "checkpoints"
+    writer = Checkpointer(state, directory=str(directory), max_to_keep=3, keep_every_hours=None, async_save=True,
+                          is_chief=True)
+    with pytest.raises(type(error)), saves_landed_on_error(writer, Watchdog(WatchdogConfig())):
+        state.step.assign(20)
+        writer.save(20)
+        raise error
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-20")
+    assert [step for step, _ in list_checkpoints(str(directory))] == [20]

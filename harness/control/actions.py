@@ -7,15 +7,17 @@ evaluate -> apply a rollback's batch skip -> checkpoint -> stop on a signal -> w
 write. So a checkpoint at step `s` is written after the summaries up to `s` are flushed and after
 every step up to `s` passed the divergence check: every checkpoint is a good one to roll back to.
 Each action also names the next step it needs a boundary at (`next_step`), so the controller ends
-inner loops exactly there.
+inner loops exactly there. And an error that ends the run lets an async save in flight land first
+(`saves_landed_on_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import tensorflow as tf
@@ -27,7 +29,7 @@ from harness.control.progress import Progress
 from harness.control.summaries import Summaries
 from harness.data.pipeline import SeekableInput
 from harness.distributed.strategy import num_workers
-from harness.errors import DivergedError, LeaseConflictError
+from harness.errors import DivergedError, HarnessError, LeaseConflictError
 from harness.operations.attempt import Attempt
 from harness.operations.preemption import StopAgreement
 from harness.operations.watchdog import Watchdog
@@ -335,6 +337,24 @@ def wait_for_saves(checkpointer: Checkpointer, watchdog: Watchdog) -> None:
     """Block until an in-flight async save is on disk (a hung write is the watchdog's)."""
     with watchdog.phase("save"):
         checkpointer.wait()
+
+
+@contextlib.contextmanager
+def saves_landed_on_error(checkpointer: Checkpointer, watchdog: Watchdog) -> Iterator[None]:
+    """An error that ends the run lets an async save already in flight reach the disk first.
+
+    The process then leaves through `os._exit`, which would drop TensorFlow's writer thread mid-write
+    and lose up to one save interval. The write is not retried if it fails (the state moved on), and
+    its failure does not replace the error. Not after a lost lease: another run owns the directory.
+    """
+    try:
+        yield
+    except LeaseConflictError:
+        raise
+    except Exception:
+        with watchdog.phase("save"), contextlib.suppress(HarnessError):
+            checkpointer.discard_pending_write()
+        raise
 
 
 def standard_actions(*, strategy: tf.distribute.Strategy, task: Task, state: TrainState, pipeline: SeekableInput,
