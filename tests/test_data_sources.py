@@ -86,6 +86,8 @@ BAD_NPZ = {
     "flat_features": ({"features": np.ones(4), "labels": np.zeros(4, int)}, "features have shape \\(4,\\)"),
     "text_features": ({"features": np.array([["a"]] * 4), "labels": np.zeros(4, int)}, "features have dtype <U1"),
     "three_dim_labels": ({"features": np.ones((4, 2)), "labels": np.ones((4, 2, 2))}, r"labels have shape \(4, 2, 2\)"),
+    "ids_past_int32": ({"features": np.ones((4, 2)), "labels": np.array([0, 2**40, 1, 2])},  # would wrap to 0
+                       r"integer labels span \[0, 1099511627776\]; expected .* ids that fit in int32"),
 }
 
 

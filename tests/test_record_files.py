@@ -137,10 +137,10 @@ def test_float_targets_and_int_features(tmp_path: Path, width: int) -> None:
 
 def test_records_decoded_at_fixed_offsets_equal_parsed_ones(tmp_path: Path) -> None:
     """Records laid out like the first one are decoded by numpy (`FixedOffsets`); any other is parsed by TF.
-    Mixed in one batch: ids of other varint widths (0, 127, 128, 2**40, -1); a record of the same length as
+    Mixed in one batch: ids of other varint widths (0, 127, 128, 2**31 - 1, -1); a record of the same length as
     the first but another target name is refused; float targets, map entries written in another order."""
     features, _ = _arrays(8)
-    ids = [5, 0, 127, 128, 2**40, -1, 7]
+    ids = [5, 0, 127, 128, 2**31 - 1, -1, 7]
     records = [_example(row, label) for row, label in zip(features, ids)]
     records.append(_example(features[7], 9, labels_key="labelz"))  # as long as record 0, another name
     _write_shard(tmp_path / "a.array_record", records)
@@ -148,7 +148,7 @@ def test_records_decoded_at_fixed_offsets_equal_parsed_ones(tmp_path: Path) -> N
         assert shards._offsets is not None  # these records are decoded at fixed offsets
         read_features, read_ids = shards.read(np.array([6, 0, 1, 2, 3, 4, 5, 0]))
         np.testing.assert_array_equal(read_features, features[[6, 0, 1, 2, 3, 4, 5, 0]])
-        np.testing.assert_array_equal(read_ids, np.array([7, 5, 0, 127, 128, 2**40, -1, 5]).astype(np.int32))
+        np.testing.assert_array_equal(read_ids, np.array([7, 5, 0, 127, 128, 2**31 - 1, -1, 5]))
         with pytest.raises(DataError, match=r"Record 7 \(record 7 of shard .*a.array_record', data.path\) does not "
                                             r"match the layout of the first record"):
             shards.read(np.array([0, 7]))
@@ -400,22 +400,32 @@ def test_a_shard_truncated_after_open(tmp_path: Path, read_path: str) -> None:
     np.testing.assert_array_equal(shards.read(np.arange(210))[0], features[:210])
 
 
-def test_a_record_with_another_layout_is_named_when_first_read(tmp_path: Path, read_path: str) -> None:
+BAD_RECORDS = {  # which record of 20 is replaced, by what (of its features and label), and the error expected
+    "a_value_short": (13, lambda row, label: _example(row[:5], label),
+                      r"Record 13 \(record 3 of shard '.*b.array_record', data.path\) does not match the layout of the "
+                      r"first record \('features': 6 float32, 'labels': 1 int64\)"),
+    "target_renamed": (17, lambda row, label: _example(row, label, labels_key="label"),
+                       r"Record 17 \(record 7 of shard '.*b.array_record', data.path\) does not match .* 'labels'"),
+    # ids are trained on as int32: 2**40 would wrap to 0 and pass every range check of the task
+    "id_past_int32": (15, lambda row, label: _example(row, 2**40),
+                      r"Record 15 \(record 5 of shard '.*b.array_record', data.path\) has target 1099511627776 in "
+                      r"'labels'; expected a class or token id that fits in int32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_a_bad_record_is_named_when_first_read(tmp_path: Path, read_path: str, case: str) -> None:
+    bad, replacement, message = BAD_RECORDS[case]
     features, labels = _arrays(20)
     records = [_example(row, label) for row, label in zip(features, labels)]
-    records[13] = _example(features[13][:5], labels[13])  # one value short
-    records[17] = _example(features[17], labels[17], labels_key="label")  # target under another name
+    records[bad] = replacement(features[bad], labels[bad])
     _write_shard(tmp_path / "a.array_record", records[:10])
     _write_shard(tmp_path / "b.array_record", records[10:])
     shards = RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels")
-    with pytest.raises(DataError, match=r"Record 13 \(record 3 of shard '.*b.array_record', data.path\) does not "
-                                        r"match the layout of the first record \('features': 6 float32, "
-                                        r"'labels': 1 int64\)") as raised:
-        shards.read(np.array([0, 13, 11]))
+    with pytest.raises(DataError, match=message) as raised:
+        shards.read(np.array([0, bad, 11]))
     _one_paragraph(raised)
-    with pytest.raises(DataError, match=r"Record 17 .* 'labels'"):
-        shards.read(np.array([17]))
-    shards.read(np.arange(13))  # the good ones still read
+    np.testing.assert_array_equal(shards.read(np.arange(bad))[1], labels[:bad])  # the good ones still read
 
 
 def test_layouts_checked_at_open(tmp_path: Path) -> None:

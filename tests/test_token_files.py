@@ -31,6 +31,17 @@ def test_windows_are_the_tokens_at_each_start(tmp_path: Path, dtype: str) -> Non
             token_file.windows(np.array(outside), 65)
 
 
+def test_a_uint32_id_past_int32_is_named_by_its_position(tmp_path: Path) -> None:
+    tokens = np.arange(1_000, dtype=np.uint32)
+    tokens[700] = 2**31 + 5  # would be trained on as -2147483643
+    tokens.tofile(tmp_path / "train.bin")
+    token_file = TokenFile(str(tmp_path / "train.bin"), dtype="uint32")
+    np.testing.assert_array_equal(token_file.windows(np.array([0, 600]), 100), [tokens[:100], tokens[600:700]])
+    with pytest.raises(DataError, match=r"Token file '.*train.bin' \(data.path\) holds token id 2147483653 at "
+                                        r"token 700; expected ids below 2\*\*31"):
+        token_file.windows(np.array([0, 650]), 100)
+
+
 def test_windows_from_threads(tmp_path: Path) -> None:
     tokens = np.arange(50_000, dtype=np.uint16)
     tokens.tofile(tmp_path / "train.bin")

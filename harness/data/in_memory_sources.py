@@ -212,6 +212,10 @@ def _checked_arrays(features: np.ndarray, labels: np.ndarray, *, path: str, key:
                         f"number, at least one. Expected {expected}.")
     if labels.dtype.kind not in "biuf":
         raise DataError(f"{where}: labels have dtype {labels.dtype}; expected numbers. Expected {expected}.")
+    int32 = np.iinfo(np.int32)
+    if labels.dtype.kind in "biu" and (labels.min() < int32.min or labels.max() > int32.max):
+        raise DataError(f"{where}: integer labels span [{labels.min()}, {labels.max()}]; expected class or token ids "
+                        f"that fit in int32 (as they are trained on). Expected {expected}.")
     targets = labels.astype(np.int32) if labels.dtype.kind in "biu" else labels.astype(np.float32, copy=False)
     return features.astype(np.float32, copy=False), targets
 

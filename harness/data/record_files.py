@@ -10,8 +10,9 @@ more floats (regression targets).
 Guarantees: every user-fixable problem is one `DataError` paragraph naming the file, the record
 index where known and what was expected: a pattern matching no file; a file that is not an
 ArrayRecord file, or is truncated (checked when opened: the footer and index are read and so is
-each shard's first record); a record that cannot be read or parsed, or differs from the first
-record's layout, when it is first read mid-run (naming the shard, the global and the local index).
+each shard's first record); a record that cannot be read or parsed, differs from the first record's
+layout, or holds an int64 target that does not fit the int32 it is trained as, when it is first read
+mid-run (naming the shard, the global and the local index).
 array-record 0.8.6 reports all of these as Python exceptions (checked: truncated, zeroed, bit-flipped,
 empty, TFRecord and directory inputs), never by aborting the process.
 """
@@ -374,6 +375,13 @@ class RecordShards:
                 raise self._layout_error(indices[to_parse], records, error) from None
             features[to_parse] = parsed[layout.features_key].numpy()
             targets[to_parse] = parsed[layout.labels_key].numpy().reshape(len(to_parse), -1)
+        if self.target_dtype == np.int32 and count and not _fits_int32(targets):
+            position = int(np.flatnonzero(~_fits_int32(targets, axis=1))[0])
+            shard = int(np.searchsorted(self.shard_starts, indices[position], side="right") - 1)
+            first_index = int(self.shard_starts[shard])
+            raise DataError(f"{self._where(shard, int(indices[position]) - first_index, first_index)} has target "
+                            f"{targets[position, 0]} in '{layout.labels_key}'; expected a class or token id that fits "
+                            f"in int32 (as it is trained on). Expected {self._expected}.")
         return (features.reshape((count, *self.feature_shape)),
                 targets.reshape((count, *self.target_shape)).astype(self.target_dtype, copy=False))
 
@@ -527,3 +535,9 @@ def _size_of(path: str) -> str:
         return f"{tf.io.gfile.stat(path).length} bytes"
     except tf.errors.OpError:
         return "no such file"
+
+
+def _fits_int32(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Whether int64 ids survive the cast to the int32 they are trained on (per row along `axis`)."""
+    info = np.iinfo(np.int32)
+    return ((values >= info.min) & (values <= info.max)).all(axis=axis)

@@ -45,7 +45,8 @@ class TokenFile:
         self._descriptor: int | None = os.open(path, os.O_RDONLY)
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Tokens [start, start + length) for each start, as int32 (len(starts), length); ids must be < 2**31.
+        """Tokens [start, start + length) for each start, as int32 (len(starts), length); an id of 2**31 or more
+        is a `DataError` naming its position.
 
         Every window must lie inside the file: 0 <= start <= num_tokens - length (IndexError
         otherwise: the caller chose the positions). Safe to call from many threads.
@@ -67,6 +68,10 @@ class TokenFile:
         except OSError as error:
             raise DataError(f"Token file '{self.path}' ({self.key}) cannot be read: {error.strerror or error}. "
                             "Expected a readable file, unchanged during the run.") from None
+        if self.dtype.itemsize == 4 and len(windows) and windows.max() >= 2**31:  # uint32 ids past int32's range
+            row, column = np.argwhere(windows >= 2**31)[0]
+            raise DataError(f"Token file '{self.path}' ({self.key}) holds token id {windows[row, column]} at token "
+                            f"{starts[row] + column}; expected ids below 2**31 (they are trained on as int32).")
         return windows.astype(np.int32)
 
     def _cut_short(self, descriptor: int) -> None:
