@@ -165,10 +165,11 @@ def _steps_on_disk(directory: Path) -> list[int]:
 
 @pytest.mark.parametrize("restarted_before_rollback", [False, True])
 def test_checkpoints_a_rollback_deleted_no_longer_count_toward_max_to_keep(
-        tmp_path: Path, restarted_before_rollback: bool) -> None:
-    """A rollback to ckpt-200 deletes the abandoned ckpt-300 and ckpt-400. Still listed by the manager (in
-    memory, or in the state file a restarted run reads), they would make the next save rotate out the
-    restored ckpt-200 while only two checkpoints exist."""
+        tmp_path: Path, fsyncs: list[tuple[str, str | None]], restarted_before_rollback: bool) -> None:
+    """A rollback to ckpt-200 deletes the abandoned ckpt-300 and ckpt-400, durably (the directory is fsynced:
+    they must not come back after a power loss). Still listed by the manager (in memory, or in the state file
+    a restarted run reads), they would make the next save rotate out the restored ckpt-200 while only two
+    checkpoints exist."""
     directory = tmp_path / "checkpoints"
     state, writer = chief_checkpointer(directory, max_to_keep=3, async_save=False)
     for step in (100, 200, 300, 400):
@@ -177,7 +178,9 @@ def test_checkpoints_a_rollback_deleted_no_longer_count_toward_max_to_keep(
     if restarted_before_rollback:
         state, writer = chief_checkpointer(directory, max_to_keep=3, async_save=False)
     assert writer.restore_latest(max_step=250).step == 200
+    fsyncs.clear()
     assert writer.delete_newer_than(200) == [400, 300]
+    assert [path for path, _ in fsyncs] == [os.path.realpath(directory)]
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-200")
 
     state.step.assign(237)  # where the replay skips batches: a step no save used before

@@ -55,6 +55,7 @@ from harness.checkpoint.writing import (
     collective_read_variables,
     deferred_deletions,
     describe_failure,
+    make_deletions_durable,
     private_write_directory,
     remove_abandoned_writes,
     remove_dead_workers_writes,
@@ -159,6 +160,8 @@ class Checkpointer:
         try:
             for _, path in newer:
                 tf.io.gfile.remove(f"{path}.index")
+            if newer:
+                make_deletions_durable(self.directory)
             for _, path in newer:
                 for data_file in tf.io.gfile.glob(f"{path}.data-*"):
                     tf.io.gfile.remove(data_file)

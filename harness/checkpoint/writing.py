@@ -75,14 +75,20 @@ def make_durable(save_path: str) -> None:
     """
     if "://" in save_path:
         return
-    directory = os.path.dirname(save_path) or "."
     for path in [*sorted(glob.glob(glob.escape(save_path) + ".data-*")), save_path + ".index"]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    descriptor = os.open(directory, os.O_RDONLY)
+        _fsync(path)
+    _fsync(os.path.dirname(save_path) or ".")
+
+
+def make_deletions_durable(directory: str) -> None:
+    """fsync a directory after files were deleted from it, so that they stay deleted after a power loss
+    (a rollback's abandoned checkpoints must not come back as the newest). A no-op on remote filesystems."""
+    if "://" not in directory:
+        _fsync(directory)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
