@@ -23,6 +23,7 @@ from harness.data.file_sources import array_record, text_file, tokens
 from harness.data.in_memory_sources import load_examples
 from harness.data.pipeline import SeekableInput
 from harness.data.record_conversion import write_array_shards
+from harness.errors import DataError
 from scripts.tooling.chaos import compare_checkpoints
 from tests.background import BackgroundRun, sigkill_after_checkpoint
 from tests.conftest import (
@@ -84,6 +85,30 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
         for batch in pipeline.eval_dataset(context):
             seen.extend(map(tuple, batch.features.numpy()[batch.weights.numpy() > 0]))
     assert sorted(seen) == sorted(map(tuple, in_memory.eval_features))
+
+
+def test_eval_shards_of_their_own_and_of_another_layout(tmp_path: Path) -> None:
+    """`data.eval_path`: the eval split is every record of those shards; shards whose batches would not stack
+    with the training ones (another feature length, float targets for int64 class ids) are refused."""
+    rng = np.random.default_rng(1)
+    train, evaluation = rng.normal(size=(40, WIDTH)).astype(np.float32), rng.normal(size=(9, WIDTH)).astype(np.float32)
+    write_array_shards(train, train[:, :CLASSES].argmax(axis=1), str(tmp_path / "train"), num_shards=2)
+    write_array_shards(evaluation, evaluation[:, :CLASSES].argmax(axis=1), str(tmp_path / "eval"), num_shards=1)
+    write_array_shards(evaluation[:, :-1], evaluation[:, :CLASSES].argmax(axis=1), str(tmp_path / "narrow"),
+                       num_shards=1)
+    write_array_shards(evaluation, evaluation[:, 0], str(tmp_path / "float_targets"), num_shards=1)
+
+    def config(eval_dir: str) -> ArrayRecordDataConfig:
+        return ArrayRecordDataConfig(path=str(tmp_path / "train" / "*"), eval_path=str(tmp_path / eval_dir / "*"))
+
+    examples = array_record(config("eval"))
+    assert (examples.num_train, examples.num_eval) == (40, 9)
+    np.testing.assert_array_equal(examples.eval.read(np.arange(9))[0], evaluation)
+    for eval_dir, layout in (("narrow", f"{WIDTH - 1} float32, 'labels': 1 int64"),
+                             ("float_targets", f"{WIDTH} float32, 'labels': 1 float32")):
+        with pytest.raises(DataError, match=rf"The records of data.eval_path '.*{eval_dir}/\*' \('features': "
+                                            rf"{re.escape(layout)}\) differ from those of data.path"):
+            array_record(config(eval_dir))
 
 
 def test_token_windows_are_read_from_the_file_and_match_the_bytes(tmp_path: Path) -> None:

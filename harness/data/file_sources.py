@@ -99,8 +99,8 @@ def array_record(config: ArrayRecordDataConfig) -> FileExamples:
     shards = RecordShards(config.path, key="data.path", **options)
     if config.eval_path is not None:
         eval_shards = RecordShards(config.eval_path, key="data.eval_path", **options)
-        if (eval_shards.layout.feature_length, eval_shards.layout.target_length) != (
-                shards.layout.feature_length, shards.layout.target_length):
+        shapes = (shards.feature_shape, shards.target_shape, shards.target_dtype)  # what batches of both hold
+        if (eval_shards.feature_shape, eval_shards.target_shape, eval_shards.target_dtype) != shapes:
             raise DataError(f"The records of data.eval_path '{config.eval_path}' ({eval_shards.layout.describe()}) "
                             f"differ from those of data.path '{config.path}' ({shards.layout.describe()}): expected "
                             "the same layout.")
