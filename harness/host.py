@@ -1,4 +1,6 @@
-"""Facts about this host's processes, needed by both the lease and checkpoint clean-up."""
+"""This host's processes and local disks, as several packages need them: whether a process runs (the
+lease, checkpoint clean-up), and making a written file or a directory's entries durable (checkpoints,
+converted data shards)."""
 
 from __future__ import annotations
 
@@ -14,3 +16,17 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def fsync(path: str) -> None:
+    """Flush a local file, or a directory's entries (new, renamed and deleted names), to the disk.
+
+    A no-op for remote paths (`gs://...`): their filesystems give their own guarantees on close.
+    """
+    if "://" in path:
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

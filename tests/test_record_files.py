@@ -456,16 +456,30 @@ def test_layouts_checked_at_open(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The converter: refusals, bad input, and the command line
 # ---------------------------------------------------------------------------------------------
-def test_existing_shards_are_kept_unless_overwrite(tmp_path: Path) -> None:
+def test_existing_shards_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaced only once the new shards are on disk (fsynced under their temporary names, then the directory
+    after the renames): a power loss after the conversion said it was done cannot leave empty shards."""
     _shards(tmp_path / "out")  # 5 shards
+    fsynced: list[tuple[str, list[str]]] = []  # (path, the directory's names at that moment)
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        fsynced.append((os.readlink(f"/proc/self/fd/{descriptor}"), sorted(os.listdir(tmp_path / "out"))))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
     features, labels = _arrays(10)
     with pytest.raises(DataError, match="already holds 5 shards"):
         write_array_shards(features, labels, str(tmp_path / "out"), num_shards=2)
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+    assert fsynced == []
     write_array_shards(features, labels, str(tmp_path / "out"), num_shards=2, overwrite=True)
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
-        "data-00000-of-00002.array_record", "data-00001-of-00002.array_record"]
+    new_shards = ["data-00000-of-00002.array_record", "data-00001-of-00002.array_record"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == new_shards
+    partial = [f".partial-0000{shard}.array_record" for shard in range(2)]
+    assert [(os.path.basename(path), names[:2]) for path, names in fsynced[:2]] == [(name, partial) for name in partial]
+    assert fsynced[2:] == [(os.path.realpath(tmp_path / "out"), new_shards)] and len(fsynced) == 3
 
 
 def test_an_unwritable_output_directory(tmp_path: Path) -> None:

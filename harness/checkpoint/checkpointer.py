@@ -55,7 +55,6 @@ from harness.checkpoint.writing import (
     collective_read_variables,
     deferred_deletions,
     describe_failure,
-    make_deletions_durable,
     private_write_directory,
     remove_abandoned_writes,
     remove_dead_workers_writes,
@@ -63,6 +62,7 @@ from harness.checkpoint.writing import (
 )
 from harness.config.schema import CheckpointConfig
 from harness.errors import StorageError
+from harness.host import fsync
 from harness.private_apis import raise_pending_async_write_error
 from harness.training.state import TrainState
 
@@ -161,7 +161,7 @@ class Checkpointer:
             for _, path in newer:
                 tf.io.gfile.remove(f"{path}.index")
             if newer:
-                make_deletions_durable(self.directory)
+                fsync(self.directory)  # durably gone: a power loss must not bring them back as the newest
             for _, path in newer:
                 for data_file in tf.io.gfile.glob(f"{path}.data-*"):
                     tf.io.gfile.remove(data_file)

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from harness.checkpoint.files import CHECKPOINT_NAME
 from harness.errors import CheckpointError, error_summary
-from harness.host import process_alive
+from harness.host import fsync, process_alive
 
 # What a failed write raises: OSError from Python-level file operations, OpErrors from TensorFlow's.
 WRITE_ERRORS = (OSError, tf.errors.OpError)
@@ -76,23 +76,8 @@ def make_durable(save_path: str) -> None:
     if "://" in save_path:
         return
     for path in [*sorted(glob.glob(glob.escape(save_path) + ".data-*")), save_path + ".index"]:
-        _fsync(path)
-    _fsync(os.path.dirname(save_path) or ".")
-
-
-def make_deletions_durable(directory: str) -> None:
-    """fsync a directory after files were deleted from it, so that they stay deleted after a power loss
-    (a rollback's abandoned checkpoints must not come back as the newest). A no-op on remote filesystems."""
-    if "://" not in directory:
-        _fsync(directory)
-
-
-def _fsync(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync(path)
+    fsync(os.path.dirname(save_path) or ".")
 
 
 _closer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-deletions")

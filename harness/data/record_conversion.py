@@ -25,6 +25,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from harness.data.record_files import ExampleLayout, expected_records, open_tfrecords
 from harness.errors import DataError, error_summary
+from harness.host import fsync
 
 # group_size:1 puts each record in its own chunk: a random read decodes one record, not a group.
 # Uncompressed: training reads every record once an epoch, and on 2 cores zstd's decoding cost more
@@ -187,11 +188,17 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
         bar.close()
     if not written:
         raise DataError("The input holds no records: expected at least one.")
-    for path in existing:  # only with overwrite; after the new shards are complete
-        tf.io.gfile.remove(path)
+    # On disk before they take the shards' names, so that a power loss after the summary never leaves empty or
+    # partial files under them. With --overwrite, a crash during the renames can leave old and new shards side
+    # by side (renaming one at a time cannot be atomic): rerun the conversion then.
+    for path in temporary:
+        fsync(path)
     files = [os.path.join(output_dir, shard_name(shard, len(temporary))) for shard in range(len(temporary))]
     for path, final in zip(temporary, files):
         tf.io.gfile.rename(path, final, overwrite=True)
+    for path in sorted(set(existing) - set(files)):
+        tf.io.gfile.remove(path)
+    fsync(output_dir)
     return ConversionSummary(written, files)
 
 
