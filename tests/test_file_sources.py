@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import train
 from harness.config.schema import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
 from harness.data.file_sources import array_record, text_file, tokens
 from harness.data.in_memory_sources import load_examples
@@ -30,6 +31,7 @@ from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,
     checkpoint_values,
+    compose,
     run_train,
     subprocess_env,
     train_command,
@@ -124,6 +126,48 @@ def test_token_windows_are_read_from_the_file_and_match_the_bytes(tmp_path: Path
         np.testing.assert_array_equal(features, in_memory.train_features[[0, 7, 3]])
         np.testing.assert_array_equal(targets, in_memory.train_targets[[0, 7, 3]])
         np.testing.assert_array_equal(examples.eval.read(np.array([1]))[1], in_memory.eval_targets[[1]])
+
+
+def _record_with_label_past_the_classes(directory: Path) -> tuple[str, ...]:
+    """Classification on 5000 records (train) whose record 4900, past the task's 4096-record sample, is class 7
+    of 4; the eval split is shards of its own."""
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(5000, WIDTH)).astype(np.float32)
+    labels = features[:, :CLASSES].argmax(axis=1)
+    labels[4900] = 7
+    write_array_shards(features, labels, str(directory / "train"), num_shards=2)
+    write_array_shards(features[:100], labels[:100], str(directory / "eval"), num_shards=1)
+    return ("data=array_record", f"data.path={directory / 'train'}/*", f"data.eval_path={directory / 'eval'}/*",
+            "data.num_classes=4", "model.hidden=[8]")
+
+
+def _token_past_the_vocabulary(directory: Path) -> tuple[str, ...]:
+    """A byte-vocabulary language model on 80 000 uint16 tokens whose token 75 000 (train, past the 4096 windows
+    of the task's sample) is 300."""
+    tokens = np.random.default_rng(4).integers(0, 256, 80_000).astype(np.uint16)
+    tokens[75_000] = 300
+    tokens.tofile(directory / "tokens.bin")
+    return ("task=language_model", "data=tokens", f"data.path={directory / 'tokens.bin'}", "data.vocab_size=256",
+            "data.seq_len=16", "model.num_layers=1", "model.d_model=16", "model.num_heads=2", "model.mlp_dim=16")
+
+
+@pytest.mark.parametrize("case, message", [
+    (_record_with_label_past_the_classes,
+     r"Record 4900 \(record 2400 of shard '.*train/data-00001-of-00002.array_record', data.path\) has label 7; "
+     r"expected a class id in \[0, 3\] \(task 'classification' has 4 classes"),
+    (_token_past_the_vocabulary,
+     r"The window of tokens 74992..75008 of '.*tokens.bin' \(data.path\) has token id 300; expected ids in "
+     r"\[0, 255\] \(the vocabulary size of task 'language_model'"),
+], ids=["class_id", "token_id"])
+def test_an_example_the_task_would_refuse_past_its_sample_stops_the_run_naming_it(
+        tmp_path: Path, case, message: str) -> None:
+    """The task checks a sample of data bigger than memory at start-up and every batch as it is read: a bad
+    example further on is a `DataError` (exit 2), not an error inside the loss (a traceback, exit 1)."""
+    overrides = case(tmp_path)
+    with pytest.raises(DataError, match=message):
+        train.train(compose(f"run_dir={tmp_path / 'run'}", *overrides, "data.global_batch_size=64",
+                            "trainer.max_steps=100", "trainer.steps_per_loop=10", "trainer.eval_every=0",
+                            "checkpoint.every_steps=50", "export.enabled=false", "lease.enabled=false", tiny=False))
 
 
 # ---------------------------------------------------------------------------------------------

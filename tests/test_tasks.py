@@ -250,3 +250,23 @@ def test_regression_rolls_back_a_divergence_and_ends_where_an_interrupted_run_en
     assert_ok(run_train(interrupted, *overrides, "trainer.max_steps=25", tiny=False))
     assert_ok(run_train(interrupted, *overrides, tiny=False))
     assert compare_checkpoints(reference / "checkpoints" / "ckpt-60", interrupted / "checkpoints" / "ckpt-60") == []
+
+
+def test_each_task_names_the_first_example_of_a_batch_that_its_prepare_would_refuse() -> None:
+    """What file-backed batches are checked with as they are read (the sample `prepare` saw was fine)."""
+    inputs = np.zeros((4, 3), np.float32)
+    classification, language_model, regression = Classification(4), LanguageModel(256), Regression()
+    assert classification.invalid_example(inputs, np.array([0, 3, 1, 2], np.int32)) is None
+    assert classification.invalid_example(inputs, np.array([0, 3, 4, -1], np.int32)) == (
+        2, "has label 4; expected a class id in [0, 3] (task 'classification' has 4 classes: set task.num_classes "
+           "or data.num_classes to the real count)")
+    assert classification.invalid_example(inputs, np.array([[0.0], [1.5], [1.0], [2.0]], np.float32))[0] == 1
+    tokens = np.arange(20, dtype=np.int32).reshape(4, 5)
+    assert language_model.invalid_example(tokens, tokens + 1) is None
+    found = language_model.invalid_example(tokens, np.where(tokens == 17, 256, tokens))
+    assert found is not None and found[0] == 3 and found[1].startswith("has token id 256; expected ids in [0, 255]")
+    assert language_model.invalid_example(np.where(tokens == 6, -1, tokens), tokens)[0] == 1
+    assert regression.invalid_example(inputs, np.array([[1.0, 2.0], [3.0, 4.0]] * 2, np.float32)) is None
+    assert regression.invalid_example(inputs, np.array([[1.0, 2.0], [3.0, np.inf], [np.nan, 0.0], [0.0, 0.0]],
+                                                       np.float32)) == (
+        1, "has target [ 3. inf]; expected finite numbers (task 'regression')")

@@ -11,7 +11,8 @@ record); the pipeline keeps it so the run exits 2 with that message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -33,6 +34,9 @@ class Split(Protocol):
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features and targets of the examples at `indices` (int64), in that order."""
 
+    def describe(self, index: int) -> str:
+        """Example `index` for messages: its file, and its record or position there."""
+
 
 @dataclass(frozen=True)
 class RecordRows:
@@ -44,6 +48,9 @@ class RecordRows:
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.shards.read(indices if self.rows is None else self.rows[indices])
+
+    def describe(self, index: int) -> str:
+        return self.shards.describe_record(index if self.rows is None else int(self.rows[index]))
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,39 @@ class TokenWindows:
         windows = self.tokens.windows(self.first_token + np.asarray(indices, np.int64) * self.seq_len,
                                       self.seq_len + 1)
         return windows[:, :-1], windows[:, 1:]
+
+    def describe(self, index: int) -> str:
+        start = self.first_token + index * self.seq_len
+        return (f"The window of tokens {start}..{start + self.seq_len} of '{self.tokens.path}' "
+                f"({self.tokens.key})")
+
+
+@dataclass(frozen=True)
+class CheckedSplit:
+    """A split whose every batch is checked as it is read (by `Task.invalid_example`).
+
+    At start-up the task checks only a sample of data bigger than memory; an example further on that
+    it would refuse (a class id past the class count, a token past the vocabulary) must stop the run
+    with a `DataError` naming it (exit 2), not fail inside the loss with a TensorFlow traceback.
+    """
+
+    split: Split
+    check: Callable[[np.ndarray, np.ndarray], tuple[int, str] | None]
+
+    @property
+    def num_examples(self) -> int:
+        return self.split.num_examples
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        inputs, targets = self.split.read(indices)
+        invalid = self.check(inputs, targets) if len(targets) else None
+        if invalid is not None:
+            position, problem = invalid
+            raise DataError(f"{self.describe(int(np.asarray(indices).reshape(-1)[position]))} {problem}.")
+        return inputs, targets
+
+    def describe(self, index: int) -> str:
+        return self.split.describe(index)
 
 
 @dataclass(frozen=True)
@@ -83,6 +123,10 @@ class FileExamples:
     @property
     def num_eval(self) -> int:
         return self.eval.num_examples
+
+    def checked(self, check: Callable[[np.ndarray, np.ndarray], tuple[int, str] | None]) -> FileExamples:
+        """These examples with every batch read checked by `check` (see `CheckedSplit`)."""
+        return replace(self, train=CheckedSplit(self.train, check), eval=CheckedSplit(self.eval, check))
 
     def sample(self, size: int = SAMPLE_SIZE) -> ExampleArrays:
         """The first `size` examples of each split, in memory: what a task checks and learns from."""

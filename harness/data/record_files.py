@@ -377,9 +377,7 @@ class RecordShards:
             targets[to_parse] = parsed[layout.labels_key].numpy().reshape(len(to_parse), -1)
         if self.target_dtype == np.int32 and count and not _fits_int32(targets):
             position = int(np.flatnonzero(~_fits_int32(targets, axis=1))[0])
-            shard = int(np.searchsorted(self.shard_starts, indices[position], side="right") - 1)
-            first_index = int(self.shard_starts[shard])
-            raise DataError(f"{self._where(shard, int(indices[position]) - first_index, first_index)} has target "
+            raise DataError(f"{self.describe_record(int(indices[position]))} has target "
                             f"{targets[position, 0]} in '{layout.labels_key}'; expected a class or token id that fits "
                             f"in int32 (as it is trained on). Expected {self._expected}.")
         return (features.reshape((count, *self.feature_shape)),
@@ -458,6 +456,11 @@ class RecordShards:
                             f"{reader.num_records()} records now, {self.shard_sizes[shard]} at start-up. Expected the "
                             "shards to stay as they were for the whole run; rewrite them only between runs.")
         return reader
+
+    def describe_record(self, index: int) -> str:
+        """Global record `index` for messages: "Record 1203 (record 3 of shard '...', data.path)"."""
+        shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
+        return self._where(shard, index - int(self.shard_starts[shard]), int(self.shard_starts[shard]))
 
     def _where(self, shard: int, local: int, first_index: int) -> str:
         return f"Record {first_index + local} (record {local} of shard '{self.files[shard]}', {self.key})"

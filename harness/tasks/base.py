@@ -50,6 +50,12 @@ class Task:
         """
         return examples
 
+    def invalid_example(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[int, str] | None:
+        """For data read from files, batch by batch (`prepare` saw only a sample): the position in this batch
+        of the first example `prepare` would have refused and what is wrong with it, as "has ...; expected
+        ..."; None if every example is valid. Runs on the host for every batch: a few vectorized checks."""
+        return None
+
     def expected_output_shape(self, examples: ExampleArrays) -> tuple[int, ...]:
         """The model's output shape per example for these examples (without the batch axis)."""
         return (self.num_outputs,)

@@ -44,6 +44,18 @@ class Classification(Task):
             raise DataError(f"Task 'classification': the data has {self.num_outputs} class; expected at least 2.")
         return replace(examples, train_targets=train, eval_targets=evaluation, num_classes=self.num_outputs)
 
+    def invalid_example(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[int, str] | None:
+        ids = targets.reshape(len(targets), -1)[:, 0]  # one id per example: `prepare` checked the shape
+        valid = (ids >= 0) & (ids < self.num_outputs)
+        if ids.dtype.kind == "f":
+            valid &= ids == np.round(ids)
+        if valid.all():
+            return None
+        position = int(np.flatnonzero(~valid)[0])
+        return position, (f"has label {ids[position]:g}; expected a class id in [0, {self.num_outputs - 1}] "
+                          f"(task 'classification' has {self.num_outputs} classes: set task.num_classes or "
+                          "data.num_classes to the real count)")
+
     def signature(self) -> dict[str, Any]:
         return {"num_outputs": int(self.num_outputs), "num_classes": int(self.num_outputs)}
 

@@ -53,6 +53,16 @@ class LanguageModel(Task):
                        eval_features=examples.eval_features.astype(np.int32),
                        eval_targets=examples.eval_targets.astype(np.int32), num_classes=self.num_outputs)
 
+    def invalid_example(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[int, str] | None:
+        if min(inputs.min(), targets.min()) >= 0 and max(inputs.max(), targets.max()) < self.num_outputs:
+            return None
+        tokens = np.concatenate([inputs, targets], axis=1)
+        invalid = (tokens < 0) | (tokens >= self.num_outputs)
+        position = int(np.flatnonzero(invalid.any(axis=1))[0])
+        return position, (f"has token id {tokens[position][invalid[position]][0]}; expected ids in "
+                          f"[0, {self.num_outputs - 1}] (the vocabulary size of task 'language_model': set "
+                          "task.vocab_size or data.vocab_size to the tokenizer's)")
+
     def expected_output_shape(self, examples: ExampleArrays) -> tuple[int, ...]:
         return (*examples.train_targets.shape[1:], self.num_outputs)
 

@@ -62,6 +62,13 @@ class Regression(Task):
             self.target_std = np.ones([self.num_outputs], np.float32)
         return replace(examples, train_targets=train, eval_targets=evaluation, num_classes=None)
 
+    def invalid_example(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[int, str] | None:
+        finite = np.isfinite(targets.reshape(len(targets), -1)).all(axis=1)
+        if finite.all():
+            return None
+        position = int(np.flatnonzero(~finite)[0])
+        return position, f"has target {targets[position]}; expected finite numbers (task 'regression')"
+
     def signature(self) -> dict[str, Any]:
         return {"num_outputs": int(self.num_outputs), "target_shape": list(self.target_shape),
                 "target_mean": [float(v) for v in self.target_mean], "target_std": [float(v) for v in self.target_std]}

@@ -55,8 +55,9 @@ def load_task_data(run: RunConfig) -> TaskData:
         len(examples.train_targets), len(examples.eval_targets))
     run.resolved["data"]["records"] = {"train": int(counts[0]), "eval": int(counts[1])}
     try:
-        if isinstance(examples, FileExamples):
-            return TaskData(task, examples, task.prepare(examples.sample()))  # batches stay as the files hold them
+        if isinstance(examples, FileExamples):  # batches stay as the files hold them, each checked by the task
+            sample = task.prepare(examples.sample())
+            return TaskData(task, examples.checked(task.invalid_example), sample)
         prepared = task.prepare(examples)
         return TaskData(task, prepared, prepared)
     except DataError as error:  # the task cannot name the data: say which data it was
