@@ -131,9 +131,10 @@ def check_resume(saved_provenance: dict[str, Any] | None, current: dict[str, Any
             lines.append("  (optimizer.schedule.decay_steps is unset, so the cosine schedule is stretched over "
                          "trainer.max_steps: a new value changes the learning rate of every step from here on)")
         saved_overrides = " ".join(saved_provenance.get("overrides", [])) or "(none)"
-        lines.append("Nothing was changed on disk. Restore the original values (the checkpoint's command-line "
-                     f"overrides were: {saved_overrides}), or start a fresh run with another experiment=, or accept "
-                     "the change deliberately with resume.allow_config_change=["
+        lines.append("Nothing the run saved was changed (checkpoints, config.yaml, run_record.json). Restore the "
+                     f"original values (the checkpoint's command-line overrides were: {saved_overrides}), or start "
+                     "a fresh run with another experiment=, or accept the change deliberately with "
+                     "resume.allow_config_change=["
                      + ",".join(change.key for change in refused) + "].")
         raise ConfigError("\n".join(lines))
     for change in changes:
