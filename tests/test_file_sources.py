@@ -10,6 +10,7 @@ resume.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -264,6 +265,8 @@ def test_a_record_that_goes_bad_mid_run_exits_2_naming_it_checkpoints_untouched(
     assert re.search(rf"Record {bad} \(record {bad - 4500} of shard '{re.escape(str(victim))}', data.path\) cannot "
                      "be read",
                      errors[0]), errors[0]
+    last_attempt = json.loads((run_dir / "run_record.json").read_text())["history"][-1]
+    assert (last_attempt["outcome"], last_attempt["detail"]) == ("failed", errors[0].removeprefix("error: "))
     saved = sorted(int(path.stem.split("-")[1]) for path in (run_dir / "checkpoints").glob("ckpt-*.index"))
     assert saved and max(saved) < 400, saved  # what was saved before the bad record stays; nothing after
     for step in saved:  # every checkpoint left is intact

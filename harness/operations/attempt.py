@@ -29,6 +29,7 @@ from harness.errors import (
     LeaseConflictError,
     StalledError,
     StorageError,
+    error_summary,
 )
 from harness.operations.lease import Lease
 from harness.operations.run_record import RunAccounting
@@ -77,7 +78,10 @@ class Attempt:
             outcome = next((name for kind, name in _OUTCOME_OF_ERROR.items() if isinstance(error, kind)), None)
             if outcome is None:
                 outcome = "failed" if isinstance(error, HarnessError) else "crashed"
-            self.accounting.finish(outcome, step=self.step)
+            # The reason stays with the record: an unattended run's stderr may be long gone.
+            reason = str(error) if isinstance(error, HarnessError) else (
+                f"{type(error).__name__}: {error_summary(error)}")
+            self.accounting.finish(outcome, step=self.step, detail=reason[:2000])
         finally:
             self._release()
 
