@@ -114,10 +114,11 @@ def test_bad_config_is_refused_with_a_message_naming_the_key(run_dir: Path, over
     assert not (run_dir / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("override", ["+trainer.new_key=1", "trainer.max_steps=0"])
-def test_a_config_error_is_reported_before_tensorflow_is_imported(run_dir: Path, override: str) -> None:
+@pytest.mark.parametrize("overrides", [("+trainer.new_key=1",), ("trainer.max_steps=0",),
+                                       ("data=tokens", "data.path=train.bin", "data.dtype=int16")])
+def test_a_config_error_is_reported_before_tensorflow_is_imported(run_dir: Path, overrides: tuple[str, ...]) -> None:
     """A typo costs half a second, not a TensorFlow import (Hydra's and the harness's own checks)."""
-    command = [sys.executable, "-X", "importtime", str(TRAIN_PY), f"run_dir={run_dir}", override]
+    command = [sys.executable, "-X", "importtime", str(TRAIN_PY), f"run_dir={run_dir}", *overrides]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=subprocess_env(),
                             timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]

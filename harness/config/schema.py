@@ -165,6 +165,11 @@ class TokensDataConfig(DataConfig):
     eval_fraction: float = 0.01  # the end of the file held out for eval
     vocab_size: int | None = None  # None = the largest id in the first windows + 1; set it for real vocabularies
 
+    def validate(self) -> None:
+        super().validate()
+        _require(self.dtype in ("uint8", "uint16", "uint32"), "data.dtype", self.dtype,
+                 "uint8, uint16 or uint32: the type the token file was written with")
+
 
 @dataclass
 class DigitsDataConfig(DataConfig):

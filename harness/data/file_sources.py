@@ -177,7 +177,8 @@ def tokens(config: TokensDataConfig) -> FileExamples:
 
 def text_file(config: TextDataConfig) -> FileExamples:
     """`data=text` with a `data.path`: the file's bytes are the tokens (vocabulary 256), read by position."""
-    return _token_windows(TokenFile(config.path, dtype="uint8"), config.seq_len, config.eval_fraction,
+    text = TokenFile(config.path, dtype="uint8", expected="a text file (any bytes: each byte is one token)")
+    return _token_windows(text, config.seq_len, config.eval_fraction,
                           num_classes=BYTE_VOCABULARY)
 
 

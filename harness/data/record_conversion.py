@@ -43,8 +43,10 @@ class ConversionSummary:
 
     def __str__(self) -> str:
         where = os.path.dirname(self.files[0]) if self.files else "."
-        return (f"wrote {self.num_records} records to {len(self.files)} shards in {where}: "
-                f"{os.path.basename(self.files[0])} ... {os.path.basename(self.files[-1])}")
+        names = [os.path.basename(path) for path in self.files]
+        shards = f"1 shard in {where}: {names[0]}" if len(names) == 1 else (
+            f"{len(names)} shards in {where}: {names[0]} ... {names[-1]}")
+        return f"wrote {self.num_records} records to {shards}"
 
 
 def shard_name(shard: int, num_shards: int) -> str:

@@ -24,10 +24,11 @@ TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what tokenizers write: byte-leve
 class TokenFile:
     """A file of `num_tokens` unsigned integers of `dtype`, native byte order, no header (`array.tofile`)."""
 
-    def __init__(self, path: str, *, dtype: str, key: str = "data.path") -> None:
+    def __init__(self, path: str, *, dtype: str, key: str = "data.path", expected: str | None = None) -> None:
+        """`expected`: what the file should be, for messages (default: a token file)."""
         self.path, self.key = path, key
-        expected = (f"a flat binary file of {'/'.join(TOKEN_DTYPES)} token ids with no header, as "
-                    "numpy.ndarray.tofile writes")
+        expected = expected or (f"a flat binary file of {'/'.join(TOKEN_DTYPES)} token ids with no header, as "
+                                "numpy.ndarray.tofile writes")
         if dtype not in TOKEN_DTYPES:
             raise DataError(f"Config key 'data.dtype' = {dtype!r} is invalid: expected one of {list(TOKEN_DTYPES)}, "
                             "the type the token file was written with.")

@@ -94,7 +94,8 @@ def _class_ids(targets: np.ndarray, split: str) -> np.ndarray:
         targets = targets[:, 0]
     if targets.ndim != 1:
         raise DataError(f"{where} have shape {targets.shape}; expected one class id per example, (N,) "
-                        "(store one-hot labels as their argmax; for several float targets use task=regression).")
+                        "(store one-hot labels as their argmax; for several float targets use task=regression; for "
+                        "token windows, data=tokens or data=text, use task=language_model).")
     if targets.dtype.kind == "f" and not np.all(targets == np.round(targets)):
         example = targets[targets != np.round(targets)][0]
         raise DataError(f"{where} are floats that are not all whole numbers (e.g. {example}); expected integer "
