@@ -170,6 +170,7 @@ class Peer:
     name: str
     data_set: DataSet
     command: list[str]
+    environment: dict[str, str] = field(default_factory=dict)  # added to this process's for the peer's run
     results: list[RunResult] = field(default_factory=list)
 
 
@@ -184,8 +185,9 @@ def train_command(data_overrides: Sequence[str], *, max_steps: int) -> list[str]
             f"data.eval_fraction={EVAL_FRACTION}", f"data.num_classes={NUM_CLASSES}", f"trainer.max_steps={max_steps}"]
 
 
-def run_measured(command: list[str], run_dir: str) -> RunResult:
-    """Run `command` (run_dir appended as `run_dir=...` for train.py) under /usr/bin/time -v."""
+def run_measured(command: list[str], run_dir: str, environment: dict[str, str] | None = None) -> RunResult:
+    """Run `command` (run_dir appended as `run_dir=...` for train.py) under /usr/bin/time -v, with
+    `environment` added to this process's."""
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     is_train = command[1].endswith("train.py")
@@ -193,7 +195,8 @@ def run_measured(command: list[str], run_dir: str) -> RunResult:
     log_path = os.path.join(run_dir, "process.log")
     started = time.perf_counter()
     with open(log_path, "w") as log_file:
-        code = subprocess.call(full, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        code = subprocess.call(full, stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                               env={**os.environ, **(environment or {})})
     wall = time.perf_counter() - started
     with open(log_path) as handle:
         text = handle.read()
@@ -381,6 +384,7 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
     steps = getattr(args, "data_steps", 1500)
     cold_seconds = getattr(args, "cold_seconds", 20.0)
     workdir = getattr(args, "workdir", None) or "/work/bench-data"
+    intra_op_threads = getattr(args, "intra_op_threads", None)
     ensure_time_binary()
     os.makedirs(workdir, exist_ok=True)  # machine_lines asks df about it
     lines = ["## Data bigger than memory (issue 12)", "", *machine_lines(workdir)]
@@ -405,6 +409,14 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
     array_small = Peer(f"train.py data=array_record ({small_label})", small, array_record(small))
     tfrecord_small = Peer(f"{baseline} ({small_label})", small, baseline_command(small, max_steps=steps))
     peers = [memory, memory_pipeline, array_small, tfrecord_small]
+    if intra_op_threads:
+        # The step limited to fewer cores than the host has, as on an accelerator host: does the input then
+        # hide behind the step? (TensorFlow reads TF_NUM_INTRAOP_THREADS when it starts.)
+        limit = f"TF_NUM_INTRAOP_THREADS={intra_op_threads}"
+        threads = {"TF_NUM_INTRAOP_THREADS": str(intra_op_threads)}
+        memory_threads = Peer(f"{memory.name}, {limit}", small, memory.command, threads)
+        array_threads = Peer(f"{array_small.name}, {limit}", small, array_small.command, threads)
+        peers += [memory_threads, array_threads]
     if large:
         array_large = Peer(f"train.py data=array_record ({large_label})", large, array_record(large))
         tfrecord_large = Peer(f"{baseline} ({large_label})", large, baseline_command(large, max_steps=steps))
@@ -419,7 +431,8 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
             if cached_fraction(files) < 0.99:
                 cat_seconds(files)  # warm: this comparison is from the page cache
             before = cached_fraction(files)
-            result = run_measured(peer.command, os.path.join(runs_dir, f"{len(peer.results)}-{peers.index(peer)}"))
+            result = run_measured(peer.command, os.path.join(runs_dir, f"{len(peer.results)}-{peers.index(peer)}"),
+                                  peer.environment)
             after = cached_fraction(files)  # other processes' memory pressure can evict pages mid-run
             cached[peer.name].append(min(before, after))
             peer.results.append(result)
@@ -453,6 +466,9 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
               f"{_median(ratios(array_small, memory_pipeline, 'steps_per_second')):.3f} |",
               f"| in-memory peak RSS / array_record peak RSS ({small_label}) | "
               f"{_median(ratios(memory, array_small, 'peak_rss_mb')):.3f} |"]
+    if intra_op_threads:
+        lines.append(f"| array_record / in memory ({small_label}), both with {limit}, "
+                     f"steps/s | {_median(ratios(array_threads, memory_threads, 'steps_per_second')):.3f} |")
     if large:
         speed_large = _median(ratios(array_large, memory, "steps_per_second"))
         rss_large = max(result.peak_rss_mb for result in array_large.results)
@@ -516,6 +532,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-steps", type=int, default=1500, help="training steps per run (multiple of 100)")
     parser.add_argument("--cold-seconds", type=float, default=20.0, help="time budget of one cold harness read")
     parser.add_argument("--workdir", default="/work/bench-data", help="data sets (reused) and run directories")
+    parser.add_argument("--intra-op-threads", type=int, metavar="N",
+                        help="also run in memory and array_record (small set) with TF_NUM_INTRAOP_THREADS=N")
     parser.add_argument("--tfrecord-baseline", metavar="GLOB", help=argparse.SUPPRESS)  # a peer's own process
     parser.add_argument("--steps", type=int, default=1500, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
