@@ -210,35 +210,51 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
 def _tfrecord_records(pattern: str, *, features_key: str, labels_key: str,
                       count: bool) -> tuple[int | None, Iterator[list[bytes]]]:
     expected = f"TFRecord files of {expected_records(features_key, labels_key)}, or a .npz archive"
-    files, records, first = open_tfrecords(pattern, source=f"Input '{pattern}'", expected=expected)
+    files, _, first = open_tfrecords(pattern, source=f"Input '{pattern}'", expected=expected)
     layout = ExampleLayout.of_record(first, features_key=features_key, labels_key=labels_key,
                                      where=f"The first record of '{files[0]}'")
 
-    def batches() -> Iterator[tf.Tensor]:
-        read = 0
-        try:
-            for batch in records.batch(_CHUNK_ROWS):
-                yield batch
-                read += int(batch.shape[0])
-        except tf.errors.OpError as error:  # a truncated or corrupted file
-            raise DataError(f"Record {read} or one of the {_CHUNK_ROWS} after it in '{pattern}' cannot be read "
-                            f"({error_summary(error)}). Expected {expected}.") from None
+    def batches() -> Iterator[tuple[str, int, tf.Tensor]]:
+        """(file, index in it of the batch's first record, batch) over every file in order."""
+        for path in files:
+            read = 0
+            try:
+                for batch in tf.data.TFRecordDataset(path).batch(_CHUNK_ROWS):
+                    yield path, read, batch
+                    read += int(batch.shape[0])
+            except tf.errors.OpError as error:  # a truncated or corrupted file: find the record
+                bad = read + sum(1 for _ in _readable_records(path, skip=read))
+                raise DataError(f"Record {bad} of '{path}' cannot be read ({error_summary(error)}): the file is "
+                                f"truncated or corrupted. Expected {expected}.") from None
 
-    num_records = sum(int(batch.shape[0]) for batch in batches()) if count else None
+    num_records = sum(int(batch.shape[0]) for _, _, batch in batches()) if count else None
 
     def chunks() -> Iterator[list[bytes]]:
-        read = 0
-        for batch in batches():
+        for path, first, batch in batches():
             try:
                 tf.io.parse_example(batch, layout.parsing_spec)
-            except tf.errors.InvalidArgumentError as error:
-                raise DataError(f"A record among records {read}..{read + int(batch.shape[0]) - 1} of '{pattern}' "
-                                f"does not match the layout of the first record ({layout.describe()}): "
-                                f"{error_summary(error)}. Expected {expected}.") from None
-            read += int(batch.shape[0])
+            except tf.errors.InvalidArgumentError:
+                for offset, record in enumerate(batch.numpy()):
+                    try:
+                        tf.io.parse_example([record], layout.parsing_spec)
+                    except tf.errors.InvalidArgumentError as error:
+                        raise DataError(f"Record {first + offset} of '{path}' does not match the layout of the "
+                                        f"first record ({layout.describe()}): {error_summary(error)}. Expected "
+                                        f"{expected}.") from None
+                raise
             yield list(batch.numpy())
 
     return num_records, chunks()
+
+
+def _readable_records(path: str, *, skip: int) -> Iterator[bytes]:
+    """The records of a TFRecord file after the first `skip`, one at a time, up to the first unreadable one."""
+    records = iter(tf.data.TFRecordDataset(path).skip(skip))
+    while True:
+        try:
+            yield next(records).numpy()
+        except (StopIteration, tf.errors.OpError):
+            return
 
 
 # ---------------------------------------------------------------------------------------------
