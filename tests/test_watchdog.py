@@ -75,16 +75,20 @@ def test_a_phase_that_raises_is_not_measured() -> None:
 # The real hang, in a child process (no TensorFlow: it starts in a fraction of a second)
 # ---------------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
-    import logging, sys, time
+    import logging, sys, threading, time
     from harness.config.schema import WatchdogConfig
+    from harness.operations import watchdog
     from harness.operations.watchdog import Watchdog
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     marker, mode = sys.argv[1], sys.argv[2]
+    watchdog.BOOKKEEPING_SECONDS = 1.0
 
     def on_hang(kind):
         if mode == "failing_callback":
             raise OSError("run record unwritable")
+        if mode == "blocking_callback":  # the run record is on the filesystem that hung
+            threading.Event().wait()
         with open(marker, "w") as handle:
             handle.write(kind)
 
@@ -121,7 +125,7 @@ class Child:
     marker: Path  # written by on_hang
 
 
-MODES = ("hang", "learned_limit", "failing_callback", "disabled", "in_time")
+MODES = ("hang", "learned_limit", "failing_callback", "blocking_callback", "disabled", "in_time")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +177,13 @@ def test_a_failing_on_hang_callback_does_not_stop_the_exit(children: dict[str, C
     assert result.returncode == 4, result.stderr
     assert elapsed < 10.0
     assert "watchdog: recording the hang failed: run record unwritable" in result.stderr
+
+
+def test_an_on_hang_callback_that_blocks_does_not_stop_the_exit(children: dict[str, Child]) -> None:
+    result, elapsed = children["blocking_callback"].result, children["blocking_callback"].seconds
+    assert result.returncode == 4, result.stderr
+    assert elapsed < 10.0
+    assert "watchdog: save has run for" in result.stderr and "finished normally" not in result.stdout
 
 
 @pytest.mark.parametrize("mode", ["disabled", "in_time"])

@@ -12,7 +12,9 @@ Guarantees:
 - When a phase exceeds its limit: one log line naming the phase, its duration and limit, a stack
   dump of every Python thread (`faulthandler`) on stderr, the `on_hang` callback (the run record
   notes the hang), then the process exits at once with `ExitCode.STALLED` (4) from the watchdog
-  thread: the main thread is stuck, so nothing else could end it.
+  thread: the main thread is stuck, so nothing else could end it. If that bookkeeping blocks too
+  (train.log and the run record on the filesystem that hung), a timer exits after
+  `BOOKKEEPING_SECONDS` regardless.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from harness.errors import ExitCode
 log = logging.getLogger(__name__)
 
 _MAX_POLL_SECONDS = 1.0
+BOOKKEEPING_SECONDS = 30.0  # the most the log line, stack dump and run record may take before the exit
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class Watchdog:
         return min(_MAX_POLL_SECONDS, phase.limit_seconds / 10) if phase else _MAX_POLL_SECONDS
 
     def _hang(self, phase: _Phase) -> None:
+        backstop = threading.Timer(BOOKKEEPING_SECONDS, os._exit, args=(ExitCode.STALLED,))
+        backstop.daemon = True
+        backstop.start()
         elapsed = time.monotonic() - phase.started
         what = f"{phase.kind} ({phase.units} steps)" if phase.kind == "train" else phase.kind
         log.error("watchdog: %s has run for %.1f s, over its limit of %.1f s (watchdog.factor=%g x the slowest so "
