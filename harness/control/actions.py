@@ -257,8 +257,8 @@ def apply_skips(state: TrainState, step: int) -> None:
 
 @dataclass
 class SaveCheckpoint(Action):
-    """When the pacer says so (every_steps / every_seconds / max_overhead, agreed by every worker when
-    it depends on clocks), at the end, on a stop signal and where a batch skip began. Summaries are
+    """When the pacer says so (every_steps / every_seconds / max_overhead; the chief's pacer for every
+    worker when it depends on clocks), at the end, on a stop signal and where a batch skip began. Summaries are
     flushed first."""
 
     strategy: tf.distribute.Strategy
@@ -295,7 +295,9 @@ class SaveCheckpoint(Action):
     def _periodic_save_due(self, step: int) -> bool:
         due = self.pacer.due(step)
         if self.pacer.depends_on_clock and num_workers(self.strategy) > 1:
-            due = self._agreement.any_of([due])[0]
+            # The chief's pacer decides: it alone writes, so only its saves take time (checkpoint.max_overhead
+            # stretches nothing on a worker whose saves return at once).
+            due = self._agreement.chiefs([due], is_chief=self.checkpointer.is_chief)[0]
         return due
 
     @functools.cached_property

@@ -86,3 +86,8 @@ class StopAgreement:
             return list(local_flags)
         summed = self._sum(tf.constant([1.0 if flag else 0.0 for flag in local_flags])).numpy()
         return [bool(value > 0) for value in summed]
+
+    def chiefs(self, local_flags: list[bool], *, is_chief: bool) -> list[bool]:
+        """Per flag: the chief's value, on every worker (a collective call on several workers). For decisions
+        that follow what only the chief measures, such as how long its checkpoint writes block training."""
+        return self.any_of([flag and is_chief for flag in local_flags])
