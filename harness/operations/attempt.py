@@ -57,6 +57,7 @@ class Attempt:
     def __enter__(self) -> Attempt:
         if self.lease is not None:
             self.lease.acquire()  # also refuses an unwritable checkpoint.dir
+            self.accounting.reread()  # a previous holder may have recorded its end while we waited
         elif self.is_chief:
             check_writable(self.run.checkpoint.dir)
         try:
@@ -72,12 +73,15 @@ class Attempt:
             if error is None or isinstance(error, LeaseConflictError):
                 return  # a clean end is recorded by `finish`; a lost lease means the record is not ours
             if not self._begun:
-                if isinstance(error, HarnessError):
-                    return  # a refused start (bad checkpoint, refused config change) changes nothing on disk
-                self.begin(self.step)  # a crash while restoring is an attempt too: crash loops count it
+                if isinstance(error, (HarnessError, KeyboardInterrupt)):
+                    return  # a refused or interrupted start (bad checkpoint, refused config change) changes nothing
+                # A crash while restoring is an attempt too (crash loops count it), from an unknown step.
+                self.accounting.begin(start_step=None, process_started=self.process_started)
+                self.step, self._begun = self.accounting.record.current["start_step"], True
             outcome = next((name for kind, name in _OUTCOME_OF_ERROR.items() if isinstance(error, kind)), None)
             if outcome is None:
-                outcome = "failed" if isinstance(error, HarnessError) else "crashed"
+                outcome = "failed" if isinstance(error, HarnessError) else (
+                    "interrupted" if isinstance(error, KeyboardInterrupt) else "crashed")  # Ctrl-C: not a crash
             # The reason stays with the record: an unattended run's stderr may be long gone.
             reason = str(error) if isinstance(error, HarnessError) else (
                 f"{type(error).__name__}: {error_summary(error)}")

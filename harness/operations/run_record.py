@@ -115,7 +115,12 @@ class RunAccounting:
         self.may_write = may_write  # false once this process lost the lease: the record is the new holder's
         self.max_crash_restarts = max_crash_restarts
         self.fingerprint = fingerprint
+        self.run_dir = run_dir
         self.record = read_record(run_dir) or RunRecord()
+
+    def reread(self) -> None:
+        """Read the record again: another process may have written it since (while we waited for the lease)."""
+        self.record = read_record(self.run_dir) or RunRecord()
 
     def refuse_crash_loop(self) -> None:
         """Raise `CrashLoopError` if the last attempts crashed too often at the same step."""
@@ -133,10 +138,17 @@ class RunAccounting:
             f"(trainer.max_crash_restarts={self.max_crash_restarts}). Fix the cause; a changed config or harness "
             "version resets the count, or run once with trainer.max_crash_restarts=0 to try again as is.")
 
-    def begin(self, *, start_step: int, process_started: float) -> None:
-        """Account for the previous attempt and mark this one in progress (chief only writes)."""
+    def begin(self, *, start_step: int | None, process_started: float) -> None:
+        """Account for the previous attempt and mark this one in progress (chief only writes).
+
+        `start_step` None: not known (the attempt failed before it restored); taken as the step the previous
+        attempt reached, so that no steps count as redone.
+        """
         r = self.record
         previous = r.current
+        if start_step is None:
+            last_known = previous or (r.history[-1] if r.history else {})
+            start_step = int(last_known.get("end_step", last_known.get("step", 0)) or 0)
         if previous is not None:  # it never recorded an end: killed
             r.kills += 1
             self._close(previous, outcome="killed", step=previous.get("step", start_step))
