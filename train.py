@@ -111,6 +111,9 @@ def main(cfg: DictConfig) -> None:
 
     exit_code = exit_code_of(train, cfg)
     if exit_code == 0 and HydraConfig.get().mode == RunMode.MULTIRUN:
+        from harness.operations.preemption import carry_stop_signals_to_the_next_job
+
+        carry_stop_signals_to_the_next_job(list(cfg.preemption.signals))
         return  # let Hydra run the sweep's next job; a non-zero code stops the sweep, as a crash would
     ignore_signals_while_exiting(list(cfg.preemption.signals))  # a late SIGTERM must not change the exit code
     exit_process(exit_code)

@@ -302,3 +302,20 @@ def test_repeated_crashes_at_the_same_step_end_the_retry_loop(tmp_path: Path) ->
     assert directory_snapshot(run_dir / "checkpoints") == checkpoints
     assert run_record(run_dir)["attempts"] == 2, "a refused start is not an attempt"
     # A changed config or harness version resets the count: tests/test_run_record.py.
+
+
+def test_a_stop_signal_between_sweep_jobs_stops_the_next_job_at_its_first_boundary() -> None:
+    """In a multirun, the next job loads its data and restores before its own handlers are in place: a SIGTERM
+    then must not be lost (it was printed as 'exiting normally' and the job trained on)."""
+    from harness.operations.preemption import PreemptionWatcher, carry_stop_signals_to_the_next_job
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        carry_stop_signals_to_the_next_job(["SIGTERM"])
+        signal.raise_signal(signal.SIGTERM)  # while the next job starts
+        with PreemptionWatcher(["SIGTERM"], exit_code=42) as watcher:
+            assert watcher.requested and watcher.received == signal.SIGTERM
+        with PreemptionWatcher(["SIGTERM"], exit_code=42) as watcher:  # the job after that starts afresh
+            assert not watcher.requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -27,6 +27,22 @@ import tensorflow as tf
 from harness.config.schema import parse_signals
 from harness.distributed.strategy import num_workers
 
+_received_between_jobs: list[signal.Signals] = []  # stop signals caught after one multirun job, before the next
+
+
+def carry_stop_signals_to_the_next_job(signal_names: list[str]) -> None:
+    """Between two jobs of a Hydra multirun (one process): a stop signal that arrives while the next job
+    starts (loads data, restores) is kept, and that job stops at its first boundary as if it had arrived
+    there; otherwise it would be lost, and the scheduler's SIGKILL would follow without a save."""
+    def keep(signum: int, frame: FrameType | None) -> None:
+        _received_between_jobs.append(signal.Signals(signum))
+        os.write(2, f"received {signal.Signals(signum).name} between sweep jobs: the next job stops at its first "
+                    "step boundary\n".encode())
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in parse_signals(signal_names):
+            signal.signal(sig, keep)
+
 
 class PreemptionWatcher:
     """Context manager installing the stop-signal handlers; `requested` tells if one arrived."""
@@ -41,6 +57,9 @@ class PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():  # handlers only install there
             for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        if _received_between_jobs:
+            self.received = _received_between_jobs[0]
+            _received_between_jobs.clear()
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
