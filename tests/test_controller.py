@@ -87,3 +87,22 @@ def test_an_error_that_ends_the_run_lets_the_async_save_in_flight_reach_the_disk
         raise error
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-20")
     assert [step for step, _ in list_checkpoints(str(directory))] == [20]
+
+
+def test_a_divergence_in_the_loop_that_lost_the_lease_is_not_rolled_back() -> None:
+    """Another run owns checkpoint.dir: a rollback's restore would remove that run's in-flight writes (and
+    non-chiefs would skip the lease action after it). The lease action, next, stops every worker instead."""
+    from harness.config.schema import TrainerConfig
+    from harness.control.actions import Boundary
+
+    rollback = RollBackOnDivergence(TrainerConfig(), *([None] * 6))  # it must touch none of them
+
+    def diverged(*, lease_lost: bool) -> Boundary:
+        return Boundary(start_step=0, step=10, losses=[float("nan")] * 10, train_seconds=0.1, stop_requested=False,
+                        lease_lost=lease_lost, is_final=False)
+
+    boundary = diverged(lease_lost=True)
+    rollback(boundary)
+    assert not boundary.rolled_back and boundary.step == 10
+    with pytest.raises(AttributeError):  # with the lease, it acts on the divergence (and its collaborators)
+        rollback(diverged(lease_lost=False))

@@ -41,6 +41,10 @@ from harness.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
+# The watchdog's phase for waiting on an async save's background write: timed apart from "save" (what a
+# save blocks training, ~0 when async), or the final wait for a big write would be judged by that.
+WRITE_PHASE = "checkpoint write"
+
 
 @dataclass
 class Boundary:
@@ -90,6 +94,8 @@ class RollBackOnDivergence(Action):
     watchdog: Watchdog
 
     def __call__(self, boundary: Boundary) -> None:
+        if boundary.lease_lost:
+            return  # another run owns checkpoint.dir: restoring would remove its in-flight writes; just stop
         divergence = first_divergence(boundary.losses, first_step=boundary.start_step,
                                       upper_bound=self.trainer.loss_upper_bound)
         if divergence is None:
@@ -104,7 +110,7 @@ class RollBackOnDivergence(Action):
                 f"checkpoint (step <= {divergence.step}) is intact. Lower optimizer.learning_rate, add "
                 "optimizer.global_clipnorm, or check the data around this step, then rerun (raise "
                 "trainer.max_rollbacks to keep trying).")
-        with self.watchdog.phase("save"):  # an async write still in flight
+        with self.watchdog.phase(WRITE_PHASE):  # an async write still in flight
             self.checkpointer.discard_pending_write()
         skips = [*self.state.skips(), (plan.skip_from_step, plan.skip_batches)]  # not restored: what we know now
         restored = self.checkpointer.restore_latest(max_step=plan.skip_from_step)
@@ -337,7 +343,7 @@ class FinishWrites(Action):
 
 def wait_for_saves(checkpointer: Checkpointer, watchdog: Watchdog) -> None:
     """Block until an in-flight async save is on disk (a hung write is the watchdog's)."""
-    with watchdog.phase("save"):
+    with watchdog.phase(WRITE_PHASE):
         checkpointer.wait()
 
 
@@ -354,7 +360,7 @@ def saves_landed_on_error(checkpointer: Checkpointer, watchdog: Watchdog) -> Ite
     except LeaseConflictError:
         raise
     except Exception:
-        with watchdog.phase("save"), contextlib.suppress(HarnessError):
+        with watchdog.phase(WRITE_PHASE), contextlib.suppress(HarnessError):
             checkpointer.discard_pending_write()
         raise
 
