@@ -156,19 +156,22 @@ class ArrayRecordDataConfig(FileDataConfig):
     feature_shape: list[int] | None = None  # reshape each flat feature vector to this; None = keep it flat
 
 
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what tokenizers write: byte-level, vocab < 65536, larger
+
+
 @dataclass
 class TokensDataConfig(DataConfig):
     name: str = "tokens"  # a flat binary file of token ids (numpy tofile), read by position (not loaded)
     path: str = MISSING
-    dtype: str = "uint16"  # uint8 | uint16 | uint32: how the ids were written
+    dtype: str = "uint16"  # one of TOKEN_DTYPES: how the ids were written
     seq_len: int = 256  # tokens the model sees per example; targets are the next ones
     eval_fraction: float = 0.01  # the end of the file held out for eval
     vocab_size: int | None = None  # None = the largest id in the first windows + 1; set it for real vocabularies
 
     def validate(self) -> None:
         super().validate()
-        _require(self.dtype in ("uint8", "uint16", "uint32"), "data.dtype", self.dtype,
-                 "uint8, uint16 or uint32: the type the token file was written with")
+        _require(self.dtype in TOKEN_DTYPES, "data.dtype", self.dtype,
+                 f"one of {', '.join(TOKEN_DTYPES)}: the type the token file was written with")
 
 
 @dataclass

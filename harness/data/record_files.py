@@ -375,8 +375,9 @@ class RecordShards:
                 raise self._layout_error(indices[to_parse], records, error) from None
             features[to_parse] = parsed[layout.features_key].numpy()
             targets[to_parse] = parsed[layout.labels_key].numpy().reshape(len(to_parse), -1)
-        if self.target_dtype == np.int32 and count and not _fits_int32(targets):
-            position = int(np.flatnonzero(~_fits_int32(targets, axis=1))[0])
+        fits = _fits_int32(targets) if self.target_dtype == np.int32 else None
+        if fits is not None and not fits.all():
+            position = int(np.flatnonzero(~fits)[0])
             raise DataError(f"{self.describe_record(int(indices[position]))} has target "
                             f"{targets[position, 0]} in '{layout.labels_key}'; expected a class or token id that fits "
                             f"in int32 (as it is trained on). Expected {self._expected}.")
@@ -477,11 +478,9 @@ class RecordShards:
             try:
                 tf.io.parse_example([record], self.layout.parsing_spec)
             except tf.errors.InvalidArgumentError as single:
-                shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
                 return DataError(
-                    f"Record {index} (record {index - self.shard_starts[shard]} of shard '{self.files[shard]}', "
-                    f"{self.key}) does not match the layout of the first record ({self.layout.describe()}): "
-                    f"{error_summary(single)}. Expected {self._expected}.")
+                    f"{self.describe_record(int(index))} does not match the layout of the first record "
+                    f"({self.layout.describe()}): {error_summary(single)}. Expected {self._expected}.")
         return DataError(f"Records of '{self.pattern}' ({self.key}) cannot be parsed as a batch: "
                          f"{error_summary(error)}. Expected {self._expected}.")
 
@@ -540,7 +539,7 @@ def _size_of(path: str) -> str:
         return "no such file"
 
 
-def _fits_int32(values: np.ndarray, axis: int | None = None) -> np.ndarray:
-    """Whether int64 ids survive the cast to the int32 they are trained on (per row along `axis`)."""
+def _fits_int32(targets: np.ndarray) -> np.ndarray:
+    """Per row of (n, k) int64 targets, whether its ids survive the cast to the int32 they are trained on."""
     info = np.iinfo(np.int32)
-    return ((values >= info.min) & (values <= info.max)).all(axis=axis)
+    return ((targets >= info.min) & (targets <= info.max)).all(axis=1)

@@ -16,9 +16,8 @@ import os
 
 import numpy as np
 
+from harness.config.schema import TOKEN_DTYPES
 from harness.errors import DataError
-
-TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # what tokenizers write: byte-level, vocab < 65536, larger
 
 
 class TokenFile:

@@ -75,9 +75,7 @@ class Attempt:
             if not self._begun:
                 if isinstance(error, (HarnessError, KeyboardInterrupt)):
                     return  # a refused or interrupted start (bad checkpoint, refused config change) changes nothing
-                # A crash while restoring is an attempt too (crash loops count it), from an unknown step.
-                self.accounting.begin(start_step=None, process_started=self.process_started)
-                self.step, self._begun = self.accounting.record.current["start_step"], True
+                self.begin(None)  # a crash while restoring is an attempt too (crash loops count it)
             outcome = next((name for kind, name in _OUTCOME_OF_ERROR.items() if isinstance(error, kind)), None)
             if outcome is None:
                 outcome = "failed" if isinstance(error, HarnessError) else (
@@ -104,10 +102,10 @@ class Attempt:
     def verify_resume(self, path: str, saved: dict[str, Any] | None) -> None:
         provenance.check_resume(saved, self.run.resolved, checkpoint=path, allow=self.run.resume.allow_config_change)
 
-    def begin(self, start_step: int) -> None:
-        self.step = start_step
+    def begin(self, start_step: int | None) -> None:
+        """Mark this attempt in progress from `start_step` (None: not known, see `RunAccounting.begin`)."""
+        self.step = self.accounting.begin(start_step=start_step, process_started=self.process_started)
         self._begun = True
-        self.accounting.begin(start_step=start_step, process_started=self.process_started)
 
     def finish(self, status: str, *, step: int) -> None:
         self.accounting.finish(status, step=step)

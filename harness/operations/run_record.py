@@ -138,8 +138,9 @@ class RunAccounting:
             f"(trainer.max_crash_restarts={self.max_crash_restarts}). Fix the cause; a changed config or harness "
             "version resets the count, or run once with trainer.max_crash_restarts=0 to try again as is.")
 
-    def begin(self, *, start_step: int | None, process_started: float) -> None:
-        """Account for the previous attempt and mark this one in progress (chief only writes).
+    def begin(self, *, start_step: int | None, process_started: float) -> int:
+        """Account for the previous attempt and mark this one in progress (chief only writes); return its
+        start step.
 
         `start_step` None: not known (the attempt failed before it restored); taken as the step the previous
         attempt reached, so that no steps count as redone.
@@ -164,6 +165,7 @@ class RunAccounting:
                      "start_step": start_step, "step": start_step, "seconds_per_step": None}
         self._write()
         log.info("run record: %s", r.summary())
+        return start_step
 
     def progress(self, step: int, *, seconds_per_step: float | None = None) -> None:
         """Note the step reached (at log and checkpoint steps)."""
