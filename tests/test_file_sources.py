@@ -94,8 +94,9 @@ def test_eval_shards_of_their_own_and_of_another_layout(tmp_path: Path) -> None:
     """`data.eval_path`: the eval split is every record of those shards; shards whose batches would not stack
     with the training ones (another feature length, float targets for int64 class ids) are refused."""
     rng = np.random.default_rng(1)
-    train, evaluation = rng.normal(size=(40, WIDTH)).astype(np.float32), rng.normal(size=(9, WIDTH)).astype(np.float32)
-    write_array_shards(train, train[:, :CLASSES].argmax(axis=1), str(tmp_path / "train"), num_shards=2)
+    training = rng.normal(size=(40, WIDTH)).astype(np.float32)
+    evaluation = rng.normal(size=(9, WIDTH)).astype(np.float32)
+    write_array_shards(training, training[:, :CLASSES].argmax(axis=1), str(tmp_path / "train"), num_shards=2)
     write_array_shards(evaluation, evaluation[:, :CLASSES].argmax(axis=1), str(tmp_path / "eval"), num_shards=1)
     write_array_shards(evaluation[:, :-1], evaluation[:, :CLASSES].argmax(axis=1), str(tmp_path / "narrow"),
                        num_shards=1)
