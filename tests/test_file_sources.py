@@ -75,9 +75,10 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
     in_memory = load_examples(NpzDataConfig(path=str(npz)))
     from_files = array_record(ArrayRecordDataConfig(path=str(shards / "*")))
     assert (from_files.num_train, from_files.num_eval) == (len(in_memory.train_targets), len(in_memory.eval_targets))
-    reference = _batches(_pipelines(in_memory, num_replicas=2), workers=1, steps=4, start_step=290)  # epoch 2
+    reference = _batches(_pipelines(in_memory, num_replicas=2), workers=1, steps=9, start_step=290)  # epoch 2
+    assert _pipelines(from_files, num_replicas=2).batches_per_read(8) == 8  # so 9 steps span several reads
     for workers in (1, 2):
-        batches = _batches(_pipelines(from_files, num_replicas=2), workers=workers, steps=4, start_step=290)
+        batches = _batches(_pipelines(from_files, num_replicas=2), workers=workers, steps=9, start_step=290)
         for expected, actual in zip(reference, batches, strict=True):
             np.testing.assert_array_equal(actual, expected)
     # Eval: every eval example once, padding weighted 0, whatever the pipeline count.

@@ -64,8 +64,9 @@ def _shards(directory: Path, count: int = 300, **kwargs) -> tuple[str, np.ndarra
 @pytest.fixture(params=["batched", "one_at_a_time"])
 def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with every read going through one of `RecordShards`'s two ways to read a shard: array-record's
-    batched read, or `seek` + `read` per record (which it picks by shard size, see BATCHED_READ_MIN_SHARE)."""
+    batched read (with spare cores, for many records of a shard), or `seek` + `read` per record."""
     monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 10**12 if request.param == "batched" else 0)
+    monkeypatch.setattr(record_files, "has_accelerators", lambda: request.param == "batched")
     monkeypatch.setattr(PageCacheProbe, "mostly_cached", lambda probe, index: True)
     return request.param
 
@@ -135,10 +136,14 @@ def test_float_targets_and_int_features(tmp_path: Path, width: int) -> None:
         np.testing.assert_array_equal(read_targets, targets[indices].reshape((4, *shards.target_shape)))
 
 
-def test_records_decoded_at_fixed_offsets_equal_parsed_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode_records", [256, 3])
+def test_records_decoded_at_fixed_offsets_equal_parsed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            decode_records: int) -> None:
     """Records laid out like the first one are decoded by numpy (`FixedOffsets`); any other is parsed by TF.
     Mixed in one batch: ids of other varint widths (0, 127, 128, 2**31 - 1, -1); a record of the same length as
-    the first but another target name is refused; float targets, map entries written in another order."""
+    the first but another target name is refused; float targets, map entries written in another order.
+    With slices of 3 records decoded at a time, the records left for TF lie in several slices."""
+    monkeypatch.setattr(record_files, "DECODE_RECORDS", decode_records)
     features, _ = _arrays(8)
     ids = [5, 0, 127, 128, 2**31 - 1, -1, 7]
     records = [_example(row, label) for row, label in zip(features, ids)]
@@ -298,18 +303,24 @@ class _Probe:
         self.cached = False
 
 
-def test_few_records_of_a_big_shard_are_read_one_at_a_time_only_while_it_is_cached(tmp_path: Path,
-                                                                                   monkeypatch: pytest.MonkeyPatch
-                                                                                   ) -> None:
-    features, labels = _arrays(3000)
-    write_array_shards(features, labels, str(tmp_path), num_shards=1)
-    monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 999)  # 3 records or fewer per call: one at a time
+def _count_reads_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many records each call of `_read_one_at_a_time` reads, from now on."""
     one_at_a_time: list[int] = []
     read_one_at_a_time = RecordShards._read_one_at_a_time
     monkeypatch.setattr(RecordShards, "_read_one_at_a_time",
                         lambda shards, shard, local, **kwargs: one_at_a_time.append(len(local))
                         or read_one_at_a_time(shards, shard, local, **kwargs))
-    with RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels") as shards:
+    return one_at_a_time
+
+
+def test_with_spare_cores_few_records_of_a_big_shard_are_read_one_at_a_time_only_while_it_is_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    features, labels = _arrays(3000)
+    write_array_shards(features, labels, str(tmp_path), num_shards=1)
+    monkeypatch.setattr(record_files, "BATCHED_READ_MIN_SHARE", 999)  # 3 records or fewer per call: one at a time
+    one_at_a_time = _count_reads_one_at_a_time(monkeypatch)
+    with RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels",
+                      parallel_reads=True) as shards:
         shards._page_cache = probe = _Probe()
         indices = np.array([2999, 7, 1500])
         np.testing.assert_array_equal(shards.read(indices)[0], features[indices])
@@ -322,6 +333,22 @@ def test_few_records_of_a_big_shard_are_read_one_at_a_time_only_while_it_is_cach
         monkeypatch.setattr(record_files, "SLOW_RECORD_SECONDS", 0.0)  # every read counts as slow
         shards.read(indices)
         assert one_at_a_time == [1, 1, 3, 3] and not probe.cached, "slow reads mark the shard as not cached"
+
+
+def test_without_spare_cores_every_read_of_a_cached_shard_is_one_at_a_time(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU-only host the step needs every core: the read that costs the least CPU, whatever the call's size."""
+    monkeypatch.setattr(record_files, "has_accelerators", lambda: False)
+    features, labels = _arrays(300)
+    write_array_shards(features, labels, str(tmp_path), num_shards=1)
+    one_at_a_time = _count_reads_one_at_a_time(monkeypatch)
+    with RecordShards(str(tmp_path / "*.array_record"), features_key="features", labels_key="labels") as shards:
+        shards._page_cache = probe = _Probe()
+        np.testing.assert_array_equal(shards.read(np.arange(300))[0], features)
+        assert one_at_a_time == [1, 1, 300], "the first record twice at open, then all 300 in one call"
+        probe.cached = False
+        np.testing.assert_array_equal(shards.read(np.arange(300))[1], labels)  # batched: the disk is waited on
+        assert one_at_a_time == [1, 1, 300]
 
 
 def test_shards_of_record_groups_are_never_read_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

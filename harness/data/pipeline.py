@@ -12,7 +12,8 @@ memory (`ExampleArrays`, gathered inside the graph) or read from files by index 
   training step from a step counter (`StepIterator`: no tf.data, the least overhead on CPU; in-memory
   data only); N > 0 runs a tf.data pipeline that prepares N batches ahead (overlaps input with
   compute). File-backed data always takes the pipeline, at least `FILE_PREFETCH` batches ahead, and
-  reads each batch's examples by index on the host (on GPUs, batches move to the devices per step).
+  reads the examples of up to `FILE_BATCHES_PER_READ` batches by index in one host call (on GPUs,
+  batches move to the devices per step).
 - Replica `r` of `G` (across all workers) gets positions `[k*B + r*B/G, k*B + (r+1)*B/G)`, so each
   worker reads only its own shard and the global batch is the same for any number of replicas.
 - Eval batches cover the eval split exactly once; padding examples carry weight 0 so every worker
@@ -33,6 +34,12 @@ from harness.data.in_memory_sources import ExampleArrays
 from harness.errors import ConfigError, DataError
 
 FILE_PREFETCH = 4  # batches read ahead from files: covers the jitter of page-cache misses
+# Train batches read from files per host call: up to this many, and this many bytes. The call's fixed costs
+# (tf.numpy_function, one read per shard touched) are paid once for several batches: with 27 shards, +8 % steps/s
+# for 8 batches of 0.8 MB per call against 1 (docs/benchmarks.md, section 6). A call fails as a whole, so a bad
+# record stops training up to this many steps before its own.
+FILE_BATCHES_PER_READ = 8
+FILE_READ_BYTES = 8 << 20
 
 
 class Batch(NamedTuple):
@@ -82,14 +89,16 @@ class SeekableInput:
 
     # -- pure functions of the position -----------------------------------------------------------
     def train_indices(self, positions: tf.Tensor) -> tf.Tensor:
-        """Training-set indices of stream positions (int64 vector): epoch-wise fresh permutations."""
+        """Training-set indices of stream positions (int64, any shape): epoch-wise fresh permutations."""
         num_train = self.num_train
-        epochs = positions // num_train
+        flat = tf.reshape(positions, [-1])
+        epochs = flat // num_train
         seeds = tf.stack([tf.fill(tf.shape(epochs), tf.constant(self.shuffle_seed, tf.int64)), epochs,
                           tf.zeros_like(epochs)], axis=1)
         # The raw op: tf.random.experimental.index_shuffle mis-pads batched [n, 2] seeds (TF 2.21).
-        return tf.raw_ops.RandomIndexShuffle(index=positions % num_train, seed=seeds,
-                                             max_index=tf.constant(num_train - 1, tf.int64), rounds=4)
+        indices = tf.raw_ops.RandomIndexShuffle(index=flat % num_train, seed=seeds,
+                                                max_index=tf.constant(num_train - 1, tf.int64), rounds=4)
+        return tf.reshape(indices, tf.shape(positions))
 
     def train_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole global batch of a step, as numpy (for tests and inspection)."""
@@ -122,24 +131,50 @@ class SeekableInput:
 
     # -- datasets ----------------------------------------------------------------------------------
     def train_dataset(self, context: tf.distribute.InputContext, *, start_step: int) -> tf.data.Dataset:
-        """One input pipeline's endless per-replica train batches, from global step `start_step`."""
+        """One input pipeline's endless per-replica train batches, from global step `start_step`.
+
+        Element `e` of the pipeline is the batch of local replica `e % local_replicas` at step
+        `start_step + e // local_replicas`; file-backed elements are read `batches_per_read` at a time.
+        """
         per_replica = context.get_per_replica_batch_size(self.global_batch_size)
         local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
-        if not self.from_files:
+
+        def step_and_replica(elements: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return (start_step + elements // local_replicas,
+                    context.input_pipeline_id * local_replicas + elements % local_replicas)
+
+        endless = np.iinfo(np.int64).max
+        if self.from_files:
+            count = self.batches_per_read(per_replica)
+
+            def read_batches(first: tf.Tensor) -> Batch:
+                step, replica = step_and_replica(first + tf.range(count, dtype=tf.int64))
+                indices = self.replica_train_indices(step=step, replica=replica, per_replica=per_replica)
+                batches = self._file_batch(self.examples.train, tf.reshape(indices, [-1]),
+                                           tf.ones([count * per_replica], tf.float32))
+                return Batch(*(tf.reshape(part, [count, per_replica, *part.shape[1:]]) for part in batches))
+
+            dataset = tf.data.Dataset.range(0, endless - count, count).map(
+                read_batches, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+        else:
             features = tf.constant(self.examples.train_features)
             targets = tf.constant(self.examples.train_targets)
 
-        def make_batch(element: tf.Tensor) -> Batch:
-            step = start_step + element // local_replicas
-            replica = context.input_pipeline_id * local_replicas + element % local_replicas
-            if self.from_files:
-                indices = self.replica_train_indices(step=step, replica=replica, per_replica=per_replica)
-                return self._file_batch(self.examples.train, indices, tf.ones([per_replica], tf.float32))
-            return self.replica_train_batch(features, targets, step=step, replica=replica, per_replica=per_replica)
+            def make_batch(element: tf.Tensor) -> Batch:
+                step, replica = step_and_replica(element)
+                return self.replica_train_batch(features, targets, step=step, replica=replica,
+                                                per_replica=per_replica)
 
-        dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).map(
-            make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            dataset = tf.data.Dataset.range(endless).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                                         deterministic=True)
         return dataset.prefetch(self.prefetch) if self.prefetch else dataset
+
+    def batches_per_read(self, per_replica: int) -> int:
+        """How many per-replica train batches one host call reads from files (see FILE_BATCHES_PER_READ)."""
+        examples = self.examples
+        example_bytes = (math.prod(examples.input_shape) * np.dtype(examples.input_dtype).itemsize
+                         + math.prod(examples.target_shape) * np.dtype(examples.target_dtype).itemsize)
+        return max(1, min(FILE_BATCHES_PER_READ, FILE_READ_BYTES // (per_replica * example_bytes)))
 
     def eval_dataset(self, context: tf.distribute.InputContext) -> tf.data.Dataset:
         """One input pipeline's share of the eval split, padded with weight-0 examples."""
@@ -173,9 +208,10 @@ class SeekableInput:
         return Batch(tf.gather(features, indices), tf.gather(targets, indices), tf.ones([per_replica], tf.float32))
 
     def replica_train_indices(self, *, step: tf.Tensor, replica: tf.Tensor, per_replica: int) -> tf.Tensor:
-        """Training-set indices of replica `replica`'s share of global step `step`."""
+        """Training-set indices of replica `replica`'s share of global step `step` ([per_replica]; for vectors
+        of steps and replicas, [n, per_replica])."""
         first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
-        return self.train_indices(first + tf.range(per_replica, dtype=tf.int64))
+        return self.train_indices(first[..., tf.newaxis] + tf.range(per_replica, dtype=tf.int64))
 
     def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
         """An iterator of per-replica train batches starting at global step `start_step`.

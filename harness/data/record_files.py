@@ -42,18 +42,25 @@ READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 # are read past it directly. Measured on 3 KB records: 22 % less CPU per batch than Grain's 32 KiB
 # (docs/benchmarks.md, section 6); the same for 48 KB records, slightly less for 300 B ones.
 READER_BUFFER_BYTES = 4096
-# array-record's batched `read(indices)` allocates and scans one slot per record of the shard on every
-# call (`ParallelReadRecordsWithIndices`): O(shard size) per call however few records it asks for. A
-# batch of 256 random records of an 8 GB set (27 shards of ~97 000 records) cost 15-22 ms of CPU that
-# way, and 1.5-1.9 ms read by `seek` + `read` (O(1) per record). So a call reads one record at a time
-# unless it asks for at least 1 in BATCHED_READ_MIN_SHARE of its shard's records: then the scan costs
-# at most ~3 µs per record, and the batched read runs outside the GIL on array-record's thread pool.
+# Two ways to read a shard. array-record's batched `read(indices)` runs outside the GIL on its own thread pool,
+# with many reads in flight; `seek` + `read` reads one record at a time, inline, holding the GIL. Per batch of 256
+# random 3 KB records from the page cache the batched read costs 1.6-2.1 ms of CPU, one at a time 0.8 ms (less at
+# every record size measured, 300 B to 200 KB: docs/benchmarks.md, section 6). So where the training step needs
+# every core (a CPU-only host) records are read one at a time, the read that leaves the step the most CPU (+14-15 %
+# steps/s on the benchmark's MLP); where accelerators run the step and the host's cores are spare, batched, which
+# spreads over them (one at a time, one process reads at most one core's worth: ~300 000 3 KB records/s here).
+# Also the batched read allocates and scans one slot per record of the shard on every call
+# (`ParallelReadRecordsWithIndices`): O(shard size) per call however few records it asks for. A batch of 256 random
+# records of an 8 GB set (27 shards of ~97 000 records) cost 15-22 ms of CPU that way, and 1.5-1.9 ms read one at a
+# time (O(1) per record). So even with spare cores a call reads one record at a time unless it asks for at least 1
+# in BATCHED_READ_MIN_SHARE of its shard's records: then the scan costs at most ~3 µs per record.
 BATCHED_READ_MIN_SHARE = 1024
 # But `seek` + `read` waits for the disk holding the GIL, one record at a time, where the batched read keeps
 # many reads in flight (cold 8 GB set: 29-33 against 54-67 MB/s). So records are read one at a time only
 # from shards whose pages are in the page cache (sampled, see PageCacheProbe), and a shard whose records
 # take longer than this each (~6-8 µs when cached) counts as not cached until it is sampled again.
 SLOW_RECORD_SECONDS = 200e-6
+DECODE_RECORDS = 256  # see RecordShards._decode
 
 
 def expected_records(features_key: str, labels_key: str) -> str:
@@ -258,9 +265,10 @@ class RecordShards:
     first one's `layout`; `read` returns features float32 (n, *feature_shape) and targets
     (n, *target_shape) of `target_dtype` (int32 for an int64 class id or token, float32 for float
     targets; target_shape is () for one value, (k,) for k).
-    A read of a shard asks for few of its records (a batch spread over many or big shards) or many
-    (see BATCHED_READ_MIN_SHARE): few are read one by one with `seek` + `read` if the shard is in the
-    page cache (O(1) each, holding the GIL); many, or any from a shard that is not cached, by
+    Records of a shard in the page cache are read one by one with `seek` + `read` (the least CPU; O(1)
+    each, holding the GIL), unless `parallel_reads` (default: when the host has accelerators, so its
+    cores are spare) and the call asks for many of the shard's records (see BATCHED_READ_MIN_SHARE).
+    Those, and any from a shard that is not cached or is written in groups of records, take
     array-record's batched read, which scans the whole shard's index but runs outside the GIL with
     many reads in flight on array-record's thread pool.
     `read` and `read_serialized` may be called from many threads at once (e.g. tf.data map calls).
@@ -270,8 +278,10 @@ class RecordShards:
     """
 
     def __init__(self, pattern: str, *, features_key: str, labels_key: str,
-                 feature_shape: Sequence[int] | None = None, key: str = "data.path") -> None:
+                 feature_shape: Sequence[int] | None = None, key: str = "data.path",
+                 parallel_reads: bool | None = None) -> None:
         self.pattern, self.key = pattern, key
+        self.parallel_reads = has_accelerators() if parallel_reads is None else parallel_reads
         self._expected = expected_records(features_key, labels_key)
         self.files: list[str] = sorted(tf.io.gfile.glob(pattern))
         if not self.files:
@@ -299,7 +309,8 @@ class RecordShards:
         self.shard_sizes = np.array([reader.num_records() for reader in self._readers], dtype=np.int64)
         # Opened now, on the files the main readers opened (not whatever is at the path later). Only for shards
         # of one record per chunk: with bigger groups every seek would decode a whole group, holding the GIL.
-        self._seekable = [self._open(path) if size > BATCHED_READ_MIN_SHARE and _one_record_per_chunk(reader)
+        smallest_read_one_at_a_time = BATCHED_READ_MIN_SHARE if self.parallel_reads else 0
+        self._seekable = [self._open(path) if size > smallest_read_one_at_a_time and _one_record_per_chunk(reader)
                           else None for path, size, reader in zip(self.files, self.shard_sizes, self._readers)]
         self._reads_one_at_a_time = [reader is not None for reader in self._seekable]
         # shard_starts[s] is the global index of shard s's first record; the last entry is the total.
@@ -366,7 +377,7 @@ class RecordShards:
         features = np.empty((count, layout.feature_length), dtype=np.float32)
         targets = np.empty((count, layout.target_length), dtype=layout.target_dtype.as_numpy_dtype)
         # Records laid out like the first one are decoded by numpy; any other is parsed (and checked) by TF.
-        to_parse = self._offsets.decode(serialized, features, targets) if self._offsets else np.arange(count)
+        to_parse = self._decode(serialized, features, targets) if self._offsets else np.arange(count)
         if len(to_parse):
             records = [serialized[position] for position in to_parse.tolist()]
             try:
@@ -383,6 +394,15 @@ class RecordShards:
                             f"in int32 (as it is trained on). Expected {self._expected}.")
         return (features.reshape((count, *self.feature_shape)),
                 targets.reshape((count, *self.target_shape)).astype(self.target_dtype, copy=False))
+
+    def _decode(self, serialized: list[bytes], features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """`FixedOffsets.decode` of DECODE_RECORDS records at a time: the bytes of a slice stay in the CPU's cache,
+        and its scratch buffers are reused rather than mapped afresh (which costs ~10x for 2048 records)."""
+        not_decoded = [start + self._offsets.decode(serialized[start:start + DECODE_RECORDS],
+                                                    features[start:start + DECODE_RECORDS],
+                                                    targets[start:start + DECODE_RECORDS])
+                       for start in range(0, len(serialized), DECODE_RECORDS)]
+        return np.concatenate(not_decoded) if not_decoded else np.arange(0)
 
     def read_serialized(self, indices: np.ndarray) -> list[bytes]:
         """The serialized `tf.train.Example`s at global `indices`, in that order; one batched read per shard."""
@@ -403,7 +423,8 @@ class RecordShards:
         return records
 
     def _read_shard(self, shard: int, local_indices: list[int], *, first_index: int) -> list[bytes]:
-        if (self._reads_one_at_a_time[shard] and len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]
+        few = len(local_indices) * BATCHED_READ_MIN_SHARE < self.shard_sizes[shard]
+        if (self._reads_one_at_a_time[shard] and (few or not self.parallel_reads)
                 and self._page_cache.mostly_cached(shard)):
             records = self._read_one_at_a_time(shard, local_indices, first_index=first_index)
         else:
@@ -516,6 +537,12 @@ def open_tfrecords(pattern: str, *, source: str, expected: str) -> tuple[list[st
     if not first:
         raise DataError(f"{source}: the files hold no records. Expected {expected}.")
     return files, records, first[0]
+
+
+def has_accelerators() -> bool:
+    """Whether this host has GPUs or TPUs, i.e. whether the training step leaves its CPU cores to the input.
+    Asks for physical devices only: the runtime's devices can still be configured afterwards."""
+    return any(tf.config.list_physical_devices(kind) for kind in ("GPU", "TPU"))
 
 
 def _one_record_per_chunk(reader: ArrayRecordReader) -> bool:
