@@ -91,6 +91,27 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
     assert sorted(seen) == sorted(map(tuple, in_memory.eval_features))
 
 
+def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -> None:
+    """tf.numpy_function turns a read's DataError into an anonymous OpError: the pipeline names the DataError
+    behind it, but a failed read (e.g. one read ahead) is not blamed for another error, such as a lost peer."""
+    npz, shards = _data_set(tmp_path)
+    examples = array_record(ArrayRecordDataConfig(path=str(shards / "*")))
+    bad = int(examples.train.rows[examples.train.rows >= NUM_RECORDS // 3][0])  # a train record of the 2nd shard
+    victim = sorted(shards.iterdir())[1]
+    content = bytearray(victim.read_bytes())
+    content[content.find(np.load(npz)["features"][bad].tobytes()) + 8] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    pipeline = _pipelines(examples, num_replicas=1)
+    context = tf.distribute.InputContext()
+    with pytest.raises(tf.errors.OpError) as failed:
+        for _ in pipeline.train_dataset(context, start_step=0).take(2 * NUM_RECORDS // 8):  # two epochs
+            pass
+    data_error = pipeline.read_failure_behind(failed.value)
+    assert isinstance(data_error, DataError) and re.search(
+        rf"Record {bad} \(record \d+ of shard '{re.escape(str(victim))}', data.path\) cannot be read", str(data_error))
+    assert pipeline.read_failure_behind(tf.errors.UnavailableError(None, None, "Socket closed")) is None
+
+
 def test_eval_shards_of_their_own_and_of_another_layout(tmp_path: Path) -> None:
     """`data.eval_path`: the eval split is every record of those shards; shards whose batches would not stack
     with the training ones (another feature length, float targets for int64 class ids) are refused."""

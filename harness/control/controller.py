@@ -72,8 +72,9 @@ class Controller:
         try:
             return self._run()
         except tf.errors.OpError as error:
-            if self.pipeline.read_failure is not None:  # a data file went bad mid-run: the user's to fix
-                raise self.pipeline.read_failure from None
+            data_error = self.pipeline.read_failure_behind(error)
+            if data_error is not None:  # a data file went bad mid-run: the user's to fix
+                raise data_error from None
             if isinstance(error, _PEER_LOST_ERRORS) and num_workers(self.strategy) > 1:
                 raise StalledError(
                     f"Lost contact with another worker at step {self.attempt.step}: {error_summary(error)} That "

@@ -85,7 +85,7 @@ class SeekableInput:
         self.num_replicas = num_replicas
         self.num_train, self.num_eval = num_train, _count(examples, "eval")
         self.eval_steps = math.ceil(self.num_eval / eval_batch_size)
-        self.read_failure: DataError | None = None  # a file that went bad mid-run (see `_file_batch`)
+        self._read_failures: list[DataError] = []  # files that went bad mid-run (see `read_failure_behind`)
 
     # -- pure functions of the position -----------------------------------------------------------
     def train_indices(self, positions: tf.Tensor) -> tf.Tensor:
@@ -109,6 +109,12 @@ class SeekableInput:
         return self.examples.train_features[indices], self.examples.train_targets[indices]
 
     # -- reading from files ------------------------------------------------------------------------
+    def read_failure_behind(self, error: tf.errors.OpError) -> DataError | None:
+        """The `DataError` of a file read that `error` reports, if any (tf.numpy_function keeps its text in
+        the OpError's). A read that failed ahead of the step but was never reached is not behind it: another
+        error (a lost peer) is then reported as itself."""
+        return next((failure for failure in self._read_failures if str(failure) in error.message), None)
+
     def _file_batch(self, split: Split, indices: tf.Tensor, weights: tf.Tensor) -> Batch:
         """The examples at `indices` of a file-backed split, read on the host by a tf.data thread."""
         examples = self.examples
@@ -116,8 +122,8 @@ class SeekableInput:
         def read(host_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             try:
                 features, targets = split.read(host_indices)
-            except DataError as error:  # tf.numpy_function would turn it into an anonymous OpError
-                self.read_failure = self.read_failure or error
+            except DataError as error:  # tf.numpy_function turns it into an anonymous OpError
+                self._read_failures.append(error)
                 raise
             return features.astype(examples.input_dtype, copy=False), targets.astype(examples.target_dtype,
                                                                                      copy=False)
