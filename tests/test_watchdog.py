@@ -71,6 +71,17 @@ def test_a_phase_that_raises_is_not_measured() -> None:
     assert dog.limit_seconds("eval") == slow_failure_limit
 
 
+def test_deliberate_waits_in_a_phase_are_not_measured() -> None:
+    waited = [0.0]  # the checkpointer's back-off clock
+    dog = Watchdog(WatchdogConfig(factor=10.0, min_seconds=0.001, first_call_seconds=1800.0),
+                   waiting_seconds=lambda: waited[0])
+    with dog.phase("save"):
+        waited[0] += 0.3  # a retry's back-off, counted as it starts
+        time.sleep(0.3)
+        time.sleep(0.01)
+    assert dog.limit_seconds("save") < 10 * 0.3, "the limit learned from the save without its back-off"
+
+
 # ---------------------------------------------------------------------------------------------
 # The real hang, in a child process (no TensorFlow: it starts in a fraction of a second)
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +110,20 @@ CHILD = textwrap.dedent("""
         config = WatchdogConfig(factor=10.0, min_seconds=0.3, first_call_seconds=60.0)
     else:
         config = WatchdogConfig(enabled=mode != "disabled", factor=10.0, min_seconds=0.1, first_call_seconds=0.5)
-    with Watchdog(config, on_hang=on_hang) as dog:
+    backed_off = [0.0]
+    with Watchdog(config, on_hang=on_hang, waiting_seconds=lambda: backed_off[0]) as dog:
         if mode == "learned_limit":
             with dog.phase("train", units=5):
                 time.sleep(0.05)  # 0.01 s per step: the limit of 5 steps becomes about 0.5 s
             print("first loop done", flush=True)
             with dog.phase("train", units=5):
                 stuck_in_collective()
+        elif mode == "backing_off":  # a save retried 3 times, 1.5 s in all, past its 0.5 s limit but for back-off
+            with dog.phase("save"):
+                for _ in range(3):
+                    time.sleep(0.05)  # the failed write
+                    backed_off[0] += 0.45
+                    time.sleep(0.45)
         elif mode == "in_time":
             with dog.phase("save"):
                 time.sleep(0.1)
@@ -125,7 +143,7 @@ class Child:
     marker: Path  # written by on_hang
 
 
-MODES = ("hang", "learned_limit", "failing_callback", "blocking_callback", "disabled", "in_time")
+MODES = ("hang", "learned_limit", "failing_callback", "blocking_callback", "disabled", "in_time", "backing_off")
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +204,7 @@ def test_an_on_hang_callback_that_blocks_does_not_stop_the_exit(children: dict[s
     assert "watchdog: save has run for" in result.stderr and "finished normally" not in result.stdout
 
 
-@pytest.mark.parametrize("mode", ["disabled", "in_time"])
+@pytest.mark.parametrize("mode", ["disabled", "in_time", "backing_off"])
 def test_no_exit_when_disabled_or_every_phase_ends_in_time(children: dict[str, Child], mode: str) -> None:
     result, marker = children[mode].result, children[mode].marker
     assert result.returncode == 0, result.stderr

@@ -103,6 +103,7 @@ class Checkpointer:
         self.before_write = before_write
         self.consecutive_failures = 0
         self.total_failures = 0  # failed write attempts in this process, for TensorBoard
+        self.seconds_backed_off = 0.0  # slept between retries in this process, for the watchdog
         # Bytes this process wrote during the last save (None: written in the background, or unknown).
         self.last_save_bytes_written: int | None = None
         self._step_existed = False  # whether the checkpoint being written existed before
@@ -334,6 +335,7 @@ class Checkpointer:
         backoff = min(self.retry_backoff_seconds * 2 ** (self.consecutive_failures - 1), _MAX_BACKOFF_SECONDS)
         log.warning("saving checkpoint %s-%s failed (%s); attempt %d of %d, retrying in %.1f s", CHECKPOINT_NAME, step,
                     describe_failure(error), self.consecutive_failures, self.max_consecutive_failures, backoff)
+        self.seconds_backed_off += backoff  # counted first: the watchdog does not count it as hanging
         time.sleep(backoff)
 
     def _exists(self, step: int) -> bool:
