@@ -289,6 +289,24 @@ def test_frozen_worker_is_detected_and_the_launcher_kills_it(tmp_path: Path, det
 
 
 @pytest.mark.slow
+def test_a_worker_lost_during_start_up_stops_the_survivor_with_exit_4(tmp_path: Path) -> None:
+    """Start-up has collectives too (variables' initial values, the restored-step check): a peer frozen there is
+    a lost peer (exit 4, the gang restarts), not a traceback and exit 1 (a crash, not restarted)."""
+    run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"
+    with local_gang(run_dir, *INTERRUPTIBLE, "strategy.peer_timeout_seconds=5", tmpdir=tmpdir, grace_seconds=2) as gang:
+        frozen = worker_pid(gang, 1)
+        gang.wait_for(r"^\[worker1\] .*strategy: multi_worker with 2 replica", timeout=120)
+        os.kill(frozen, signal.SIGSTOP)  # before it builds the model
+        survivor = gang.wait_for(r"^\[gang\] worker0 exited with code (\d+)", timeout=SURVIVOR_DEADLINE)
+        survivor_output = "\n".join(worker_lines(gang.output, 0))
+        assert int(survivor.group(1)) == ExitCode.STALLED, survivor_output[-5000:]
+        assert gang.finish(timeout=30) == ExitCode.STALLED
+        assert "error: Lost contact with another worker during start-up" in survivor_output
+        assert "Traceback" not in survivor_output
+    assert not (run_dir / "checkpoints").exists() or not list_checkpoints(str(run_dir / "checkpoints"))
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(tmp_path: Path) -> None:
     """One evicted pod or one signalled task: the workers all-reduce their stop flags."""
     run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"

@@ -22,8 +22,7 @@ import tensorflow as tf
 from harness.control.actions import Action, Boundary
 from harness.control.progress import Progress
 from harness.data.pipeline import SeekableInput
-from harness.distributed.strategy import num_workers
-from harness.errors import StalledError, error_summary
+from harness.distributed.strategy import lost_peers_stall
 from harness.operations.attempt import Attempt
 from harness.operations.preemption import PreemptionWatcher, StopAgreement
 from harness.operations.watchdog import Watchdog
@@ -48,9 +47,6 @@ class Outcome:
 
 
 # What a collective raises when a peer is gone (TF 2.21: UnavailableError for missed heartbeats).
-_PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-                     tf.errors.DeadlineExceededError)
-
 
 @dataclass
 class Controller:
@@ -69,20 +65,16 @@ class Controller:
     progress: Progress
 
     def run(self) -> Outcome:
-        try:
-            return self._run()
-        except tf.errors.OpError as error:
-            data_error = self.pipeline.read_failure_behind(error)
-            if data_error is not None:  # a data file went bad mid-run: the user's to fix
-                raise data_error from None
-            if isinstance(error, _PEER_LOST_ERRORS) and num_workers(self.strategy) > 1:
-                raise StalledError(
-                    f"Lost contact with another worker at step {self.attempt.step}: {error_summary(error)} That "
-                    "worker crashed, was killed or froze (check its log). Exiting so the scheduler restarts the "
-                    "whole job; every worker resumes from the newest checkpoint.") from None
-            raise  # not a lost peer: a bug or a local failure, keep the traceback
-        finally:
-            self.progress.close()
+        with lost_peers_stall(self.strategy, when=lambda: f"at step {self.attempt.step}"):
+            try:
+                return self._run()
+            except tf.errors.OpError as error:
+                data_error = self.pipeline.read_failure_behind(error)
+                if data_error is not None:  # a data file went bad mid-run: the user's to fix
+                    raise data_error from None
+                raise
+            finally:
+                self.progress.close()
 
     def _run(self) -> Outcome:
         step = int(self.state.step.numpy())

@@ -10,22 +10,25 @@ coordination settings are fixed once the runtime starts. Guarantees:
 - In `multi_worker`, worker 0 (or the `chief` task if the cluster has one) is the chief and
   leads the coordination service. Every worker sends it heartbeats; when a worker stops
   (killed, frozen, machine gone) for `strategy.peer_timeout_seconds`, every survivor's
-  collectives fail and the survivors exit non-zero, so a scheduler can restart the whole gang.
+  collectives fail and the survivors exit with code 4 (`lost_peers_stall`: in the training loop or in
+  a start-up collective alike), so a scheduler restarts the whole gang.
 - Workers that restored different checkpoints (checkpoint.dir not shared) all stop with a
   `CheckpointError` before training (`check_workers_restored_the_same_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 
 import tensorflow as tf
 
 from harness.config.schema import StrategyConfig
 from harness.distributed import cluster
-from harness.errors import CheckpointError, ConfigError
+from harness.errors import CheckpointError, ConfigError, StalledError, error_summary
 from harness.private_apis import configure_coordination_service
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,26 @@ def check_workers_restored_the_same_step(strategy: tf.distribute.Strategy, step:
             f"{'no checkpoint' if step is None else f'step {step}'} in checkpoint.dir = {checkpoint_dir!r}. Every "
             "worker must read the same directory: put checkpoint.dir (or run_dir) on a shared file system or "
             "gs://... that all nodes mount.")
+
+
+# What a collective raises once another worker crashed, was killed or stopped sending heartbeats.
+PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                    tf.errors.DeadlineExceededError)
+
+
+@contextlib.contextmanager
+def lost_peers_stall(strategy: tf.distribute.Strategy, *, when: Callable[[], str]) -> Iterator[None]:
+    """In a multi-worker job, a collective that failed because a peer is gone becomes a `StalledError`
+    (exit 4: the scheduler restarts the whole gang) saying `when` it happened, not a traceback."""
+    try:
+        yield
+    except PEER_LOST_ERRORS as error:
+        if num_workers(strategy) <= 1:
+            raise  # not a lost peer: a bug or a local failure, keep the traceback
+        raise StalledError(
+            f"Lost contact with another worker {when()}: {error_summary(error)} That worker crashed, was killed or "
+            "froze (check its log). Exiting so the scheduler restarts the whole job; every worker resumes from the "
+            "newest checkpoint.") from None
 
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
