@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import resource
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +63,8 @@ BATCHED_READ_MIN_SHARE = 1024
 # take longer than this each (~6-8 µs when cached) counts as not cached until it is sampled again.
 SLOW_RECORD_SECONDS = 200e-6
 DECODE_RECORDS = 256  # see RecordShards._decode
+# `data-00003-of-00027.array_record`: shard 3 of a set of 27 (see RecordShards._check_one_complete_set)
+_SHARD_NUMBERING = re.compile(r"-(\d{5})-of-(\d{5})(?!\d)")
 
 
 def expected_records(features_key: str, labels_key: str) -> str:
@@ -287,6 +291,7 @@ class RecordShards:
         if not self.files:
             raise DataError(f"Config key '{key}' = '{pattern}' matches no file. Expected ArrayRecord shards of "
                             f"{self._expected} (scripts/convert_to_array_record.py writes them).")
+        self._check_one_complete_set()
         self._readers: list[ArrayRecordReader] = []
         # Per shard, a second reader for `seek` + `read` (opened with the main one, see `_open_and_check`):
         # array-record readers are thread compatible, not thread-safe, so the batched reads (const) must not
@@ -300,6 +305,29 @@ class RecordShards:
         except BaseException:
             self.close()
             raise
+
+    def _check_one_complete_set(self) -> None:
+        """Shards named `...-<index>-of-<count>...` (this project's converter, TFDS, Beam) must be one whole set: a
+        copy that missed a shard, or a second set beside the first (an interrupted `--overwrite`, two conversions
+        into one directory), would otherwise train on the wrong records without a word. Other names: no check."""
+        numbered = [_SHARD_NUMBERING.search(os.path.basename(path)) for path in self.files]
+        if not all(numbered):
+            return
+        where = f"The files matching '{self.pattern}' ({self.key})"
+        counts = sorted({int(match.group(2)) for match in numbered})
+        if len(counts) > 1:
+            sets = ", ".join(f"-of-{count:05d}" for count in counts)
+            raise DataError(f"{where} belong to {len(counts)} shard sets ({sets}): expected the shards of one set. "
+                            "Remove the other set (e.g. left by an earlier conversion into the same directory), or "
+                            "narrow the pattern.")
+        files_per_shard = Counter(int(match.group(1)) for match in numbered)
+        missing = sorted(set(range(counts[0])) - files_per_shard.keys())
+        repeated = sorted(shard for shard, files in files_per_shard.items() if files > 1)
+        if missing or repeated:
+            problem = (f"{len(missing)} of its {counts[0]} shards are missing (shard {_few(missing)})" if missing else
+                       f"more than one file holds shard {_few(repeated)}")
+            raise DataError(f"{where} are not one complete shard set: {problem}. Expected each of the shards "
+                            f"0..{counts[0] - 1} once; a copy of the shards may be unfinished.")
 
     def _open_and_check(self, features_key: str, labels_key: str, feature_shape: Sequence[int] | None) -> None:
         _allow_open_files(2 * len(self.files))
@@ -557,6 +585,10 @@ def _allow_open_files(count: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
                                                     hard))
+
+
+def _few(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
 
 
 def _size_of(path: str) -> str:
