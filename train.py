@@ -92,7 +92,7 @@ def _train_with(run: RunConfig, dist: tf.distribute.Strategy):
                 summaries.Summaries(run_dir.tensorboard_dir(run.run_dir), enabled=is_chief,
                                     start_step=start_step or 0) as tensorboard, \
                 watchdog.Watchdog(run.watchdog, on_hang=this_attempt.record_hang,
-                                  waiting_seconds=lambda: checkpoints.seconds_backed_off) as hang_watchdog:
+                                  patience_seconds=checkpoints.longest_backoff_seconds) as hang_watchdog:
             if start_step is None:
                 tensorboard.hparams(run.resolved)
             tensorboard.scalars(tensorboard.start_marker_step, this_attempt.accounting.record.scalars())

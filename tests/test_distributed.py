@@ -263,7 +263,8 @@ def test_sigkilled_worker_fails_the_gang_and_a_gang_restart_finishes(tmp_path: P
     # Missing heartbeats fail the survivor's collectives; the harness says so in one paragraph.
     ("heartbeats", ("strategy.peer_timeout_seconds=5",), "error: Lost contact with another worker at step"),
     # Heartbeats slower than the hang watchdog: the watchdog ends the survivor, with a stack dump.
-    ("watchdog", ("strategy.peer_timeout_seconds=300", "watchdog.min_seconds=3", "watchdog.first_call_seconds=60"),
+    ("watchdog", ("strategy.peer_timeout_seconds=300", "watchdog.min_seconds=3", "watchdog.first_call_seconds=60",
+                  "checkpoint.max_consecutive_failures=1"),  # no save retries for the watchdog to wait for
      "watchdog: train"),
 ])
 def test_frozen_worker_is_detected_and_the_launcher_kills_it(tmp_path: Path, detector: str, overrides: tuple[str, ...],

@@ -236,7 +236,8 @@ def test_watchdog_ends_a_stalled_step_with_a_stack_dump_and_its_exit_code(tmp_pa
     run_dir = tmp_path / "run"
     started = time.monotonic()
     result = train(run_dir, *data, "model._target_=tests.fault_models.build_mlp_stall_on_marker",
-                   "watchdog.min_seconds=3", "watchdog.factor=5", "watchdog.first_call_seconds=120", timeout=120)
+                   "watchdog.min_seconds=3", "watchdog.factor=5", "watchdog.first_call_seconds=120",
+                   "checkpoint.max_consecutive_failures=1", timeout=120)  # no save retries to wait for
     assert result.returncode == ExitCode.STALLED, result.stderr[-3000:]
     assert time.monotonic() - started < 100, "the watchdog, not the test timeout, ended it"
     assert "watchdog: train (10 steps) has run for" in result.stdout + result.stderr

@@ -71,15 +71,11 @@ def test_a_phase_that_raises_is_not_measured() -> None:
     assert dog.limit_seconds("eval") == slow_failure_limit
 
 
-def test_deliberate_waits_in_a_phase_are_not_measured() -> None:
-    waited = [0.0]  # the checkpointer's back-off clock
-    dog = Watchdog(WatchdogConfig(factor=10.0, min_seconds=0.001, first_call_seconds=1800.0),
-                   waiting_seconds=lambda: waited[0])
-    with dog.phase("save"):
-        waited[0] += 0.3  # a retry's back-off, counted as it starts
-        time.sleep(0.3)
-        time.sleep(0.01)
-    assert dog.limit_seconds("save") < 10 * 0.3, "the limit learned from the save without its back-off"
+def test_every_limit_allows_for_the_save_retries_back_off() -> None:
+    dog = Watchdog(WatchdogConfig(factor=10.0, min_seconds=0.5, first_call_seconds=60.0), patience_seconds=7.0)
+    assert dog.limit_seconds("save") == 60.0 + 7.0
+    run_phase(dog, "save", seconds=0.01)
+    assert dog.limit_seconds("save") == 0.5 + 7.0  # min_seconds beats 10 x 0.01 s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,20 +106,19 @@ CHILD = textwrap.dedent("""
         config = WatchdogConfig(factor=10.0, min_seconds=0.3, first_call_seconds=60.0)
     else:
         config = WatchdogConfig(enabled=mode != "disabled", factor=10.0, min_seconds=0.1, first_call_seconds=0.5)
-    backed_off = [0.0]
-    with Watchdog(config, on_hang=on_hang, waiting_seconds=lambda: backed_off[0]) as dog:
+    back_off = 1.45 if mode == "backing_off" else 0.0  # the most the save may sleep between its retries
+    with Watchdog(config, on_hang=on_hang, patience_seconds=back_off) as dog:
         if mode == "learned_limit":
             with dog.phase("train", units=5):
                 time.sleep(0.05)  # 0.01 s per step: the limit of 5 steps becomes about 0.5 s
             print("first loop done", flush=True)
             with dog.phase("train", units=5):
                 stuck_in_collective()
-        elif mode == "backing_off":  # a save retried 3 times, 1.5 s in all, past its 0.5 s limit but for back-off
+        elif mode == "backing_off":  # a save retried 3 times, 1.5 s in all: past 0.5 s, but not past 0.5 s + back-off
             with dog.phase("save"):
                 for _ in range(3):
                     time.sleep(0.05)  # the failed write
-                    backed_off[0] += 0.45
-                    time.sleep(0.45)
+                    time.sleep(0.45)  # the back-off
         elif mode == "in_time":
             with dog.phase("save"):
                 time.sleep(0.1)

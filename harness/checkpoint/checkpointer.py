@@ -103,7 +103,6 @@ class Checkpointer:
         self.before_write = before_write
         self.consecutive_failures = 0
         self.total_failures = 0  # failed write attempts in this process, for TensorBoard
-        self.seconds_backed_off = 0.0  # slept between retries in this process, for the watchdog
         # Bytes this process wrote during the last save (None: written in the background, or unknown).
         self.last_save_bytes_written: int | None = None
         self._step_existed = False  # whether the checkpoint being written existed before
@@ -320,6 +319,13 @@ class Checkpointer:
         finally:
             self._save_in_background = self._async
 
+    @property
+    def longest_backoff_seconds(self) -> float:
+        """The most one save sleeps between its retries before it gives up: what the watchdog allows on top of its
+        limits (on every worker: the others wait for the chief's save in their next collective)."""
+        return sum(min(self.retry_backoff_seconds * 2 ** failures, _MAX_BACKOFF_SECONDS)
+                   for failures in range(self.max_consecutive_failures - 1))
+
     def _write_failed(self, error: BaseException, *, step: int | None) -> None:
         """Count a failed write, remove what it left, then back off or give up with `StorageError`."""
         self.consecutive_failures += 1
@@ -335,7 +341,6 @@ class Checkpointer:
         backoff = min(self.retry_backoff_seconds * 2 ** (self.consecutive_failures - 1), _MAX_BACKOFF_SECONDS)
         log.warning("saving checkpoint %s-%s failed (%s); attempt %d of %d, retrying in %.1f s", CHECKPOINT_NAME, step,
                     describe_failure(error), self.consecutive_failures, self.max_consecutive_failures, backoff)
-        self.seconds_backed_off += backoff  # counted first: the watchdog does not count it as hanging
         time.sleep(backoff)
 
     def _exists(self, step: int) -> bool:

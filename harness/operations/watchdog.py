@@ -15,9 +15,10 @@ Guarantees:
   thread: the main thread is stuck, so nothing else could end it. If that bookkeeping blocks too
   (train.log and the run record on the filesystem that hung), a timer exits after
   `BOOKKEEPING_SECONDS` regardless.
-- Deliberate waits inside a phase (the back-off between save retries, reported by `waiting_seconds`)
-  count toward neither its limit nor its measured duration: raising `checkpoint.retry_backoff_seconds`
-  leaves a run that is still retrying to stop on its own failure count (exit 5), not as hung.
+- Every limit also allows `patience_seconds`: the most the chief's save may sleep between its retries
+  (`Checkpointer.longest_backoff_seconds`). The other workers wait for that save in their next
+  collective, so on every worker a run still retrying stops on its own failure count (exit 5), not
+  as hung, however far `checkpoint.retry_backoff_seconds` is raised.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ class _Phase:
     kind: str  # train | eval | save | ...
     units: int  # steps for train loops, 1 otherwise
     started: float  # time.monotonic()
-    waited_before: float  # `waiting_seconds()` when the phase began
     limit_seconds: float
 
 
@@ -54,10 +54,10 @@ class Watchdog:
     """Watch `with watchdog.phase(kind, units=n):` blocks; exit the process if one hangs."""
 
     def __init__(self, config: WatchdogConfig, *, on_hang: Callable[[str], None] | None = None,
-                 waiting_seconds: Callable[[], float] = lambda: 0.0) -> None:
+                 patience_seconds: float = 0.0) -> None:
         self.config = config
         self.on_hang = on_hang
-        self._waiting_seconds = waiting_seconds  # a clock of deliberate waits (see the module docstring)
+        self.patience_seconds = patience_seconds  # added to every limit (see the module docstring)
         self._slowest_per_unit: dict[str, float] = {}
         self._current: _Phase | None = None
         self._stop = threading.Event()
@@ -77,29 +77,25 @@ class Watchdog:
     def limit_seconds(self, kind: str, units: int = 1) -> float:
         slowest = self._slowest_per_unit.get(kind)
         if slowest is None:
-            return self.config.first_call_seconds
-        return max(self.config.min_seconds, self.config.factor * slowest * units)
+            return self.config.first_call_seconds + self.patience_seconds
+        return max(self.config.min_seconds, self.config.factor * slowest * units) + self.patience_seconds
 
     @contextmanager
     def phase(self, kind: str, *, units: int = 1) -> Iterator[None]:
         """Time the block as one `kind` phase of `units` steps; a block that raises is not measured."""
-        phase = _Phase(kind, units, time.monotonic(), self._waiting_seconds(), self.limit_seconds(kind, units))
+        phase = _Phase(kind, units, time.monotonic(), self.limit_seconds(kind, units))
         self._current = phase
         try:
             yield
         finally:
             self._current = None
-        per_unit = self._elapsed(phase) / max(units, 1)
+        per_unit = (time.monotonic() - phase.started) / max(units, 1)
         self._slowest_per_unit[kind] = max(per_unit, self._slowest_per_unit.get(kind, 0.0))
-
-    def _elapsed(self, phase: _Phase) -> float:
-        """Seconds in the phase so far, without its deliberate waits."""
-        return time.monotonic() - phase.started - (self._waiting_seconds() - phase.waited_before)
 
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_seconds()):
             phase = self._current
-            if phase is not None and self._elapsed(phase) > phase.limit_seconds:
+            if phase is not None and time.monotonic() - phase.started > phase.limit_seconds:
                 self._hang(phase)
 
     def _poll_seconds(self) -> float:
@@ -110,12 +106,13 @@ class Watchdog:
         backstop = threading.Timer(BOOKKEEPING_SECONDS, os._exit, args=(ExitCode.STALLED,))
         backstop.daemon = True
         backstop.start()
-        elapsed = self._elapsed(phase)
+        elapsed = time.monotonic() - phase.started
         what = f"{phase.kind} ({phase.units} steps)" if phase.kind == "train" else phase.kind
         log.error("watchdog: %s has run for %.1f s, over its limit of %.1f s (watchdog.factor=%g x the slowest so "
-                  "far, at least watchdog.min_seconds=%g): the process is hung. Stacks of all threads follow; exiting "
-                  "with code %d so the scheduler restarts it.", what, elapsed, phase.limit_seconds,
-                  self.config.factor, self.config.min_seconds, ExitCode.STALLED)
+                  "far, at least watchdog.min_seconds=%g, plus %.0f s for save retries' back-off): the process is "
+                  "hung. Stacks of all threads follow; exiting with code %d so the scheduler restarts it.", what,
+                  elapsed, phase.limit_seconds, self.config.factor, self.config.min_seconds, self.patience_seconds,
+                  ExitCode.STALLED)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         if self.on_hang is not None:
             try:
