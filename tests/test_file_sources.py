@@ -93,7 +93,8 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
 
 def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -> None:
     """tf.numpy_function turns a read's DataError into an anonymous OpError: the pipeline names the DataError
-    behind it, but a failed read (e.g. one read ahead) is not blamed for another error, such as a lost peer."""
+    behind it, but a failed read (e.g. one read ahead) is not blamed for another error, such as a lost peer; and
+    a run that ends before the bad record never reads it."""
     npz, shards = _data_set(tmp_path)
     examples = array_record(ArrayRecordDataConfig(path=str(shards / "*")))
     bad = int(examples.train.rows[examples.train.rows >= NUM_RECORDS // 3][0])  # a train record of the 2nd shard
@@ -110,6 +111,15 @@ def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -
     assert isinstance(data_error, DataError) and re.search(
         rf"Record {bad} \(record \d+ of shard '{re.escape(str(victim))}', data.path\) cannot be read", str(data_error))
     assert pipeline.read_failure_behind(tf.errors.UnavailableError(None, None, "Socket closed")) is None
+    # Reads go 8 batches at a time, but never past the run's last step: a run ending 3 steps before the bad
+    # record's completes, one ending on it fails.
+    position = int(np.flatnonzero(examples.train.rows == bad)[0])  # where the bad record lies in the train split
+    permutation = pipeline.train_indices(tf.range(len(examples.train.rows), dtype=tf.int64)).numpy()  # epoch 0
+    bad_step = int(np.flatnonzero(permutation == position)[0]) // pipeline.global_batch_size
+    assert bad_step >= 3 and pipeline.batches_per_read(8) == 8
+    assert len(list(pipeline.train_dataset(context, start_step=bad_step - 3, num_steps=3))) == 3
+    with pytest.raises(tf.errors.OpError):
+        list(pipeline.train_dataset(context, start_step=bad_step - 3, num_steps=4))
 
 
 def test_eval_shards_of_their_own_and_of_another_layout(tmp_path: Path) -> None:

@@ -123,4 +123,6 @@ class Controller:
         self.progress.advance(step)
 
     def _iterator(self):
-        return self.pipeline.distributed_train_iterator(self.strategy, start_step=self.state.batch_index)
+        """The input from the next step to `max_steps` (a new one whenever the input moves: a rollback's skip)."""
+        return self.pipeline.distributed_train_iterator(self.strategy, start_step=self.state.batch_index,
+                                                        num_steps=self.max_steps - int(self.state.step.numpy()))

@@ -136,31 +136,35 @@ class SeekableInput:
         return Batch(features, targets, weights)
 
     # -- datasets ----------------------------------------------------------------------------------
-    def train_dataset(self, context: tf.distribute.InputContext, *, start_step: int) -> tf.data.Dataset:
-        """One input pipeline's endless per-replica train batches, from global step `start_step`.
+    def train_dataset(self, context: tf.distribute.InputContext, *, start_step: int,
+                      num_steps: int | None = None) -> tf.data.Dataset:
+        """One input pipeline's per-replica train batches of `num_steps` global steps (None: endless) from global
+        step `start_step`.
 
         Element `e` of the pipeline is the batch of local replica `e % local_replicas` at step
-        `start_step + e // local_replicas`; file-backed elements are read `batches_per_read` at a time.
+        `start_step + e // local_replicas`; file-backed elements are read `batches_per_read` at a time, never
+        past the last step (a read fails as a whole: it must not fail the run on records it never trains on).
         """
         per_replica = context.get_per_replica_batch_size(self.global_batch_size)
         local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        num_elements = np.iinfo(np.int64).max if num_steps is None else num_steps * local_replicas
 
         def step_and_replica(elements: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return (start_step + elements // local_replicas,
                     context.input_pipeline_id * local_replicas + elements % local_replicas)
 
-        endless = np.iinfo(np.int64).max
         if self.from_files:
-            count = self.batches_per_read(per_replica)
+            per_read = self.batches_per_read(per_replica)
 
             def read_batches(first: tf.Tensor) -> Batch:
+                count = tf.minimum(tf.constant(per_read, tf.int64), num_elements - first)
                 step, replica = step_and_replica(first + tf.range(count, dtype=tf.int64))
                 indices = self.replica_train_indices(step=step, replica=replica, per_replica=per_replica)
                 batches = self._file_batch(self.examples.train, tf.reshape(indices, [-1]),
                                            tf.ones([count * per_replica], tf.float32))
-                return Batch(*(tf.reshape(part, [count, per_replica, *part.shape[1:]]) for part in batches))
+                return Batch(*(tf.reshape(part, [-1, per_replica, *part.shape[1:]]) for part in batches))
 
-            dataset = tf.data.Dataset.range(0, endless - count, count).map(
+            dataset = tf.data.Dataset.range(0, num_elements, per_read).map(
                 read_batches, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
         else:
             features = tf.constant(self.examples.train_features)
@@ -171,8 +175,8 @@ class SeekableInput:
                 return self.replica_train_batch(features, targets, step=step, replica=replica,
                                                 per_replica=per_replica)
 
-            dataset = tf.data.Dataset.range(endless).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                                                         deterministic=True)
+            dataset = tf.data.Dataset.range(num_elements).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                                              deterministic=True)
         return dataset.prefetch(self.prefetch) if self.prefetch else dataset
 
     def batches_per_read(self, per_replica: int) -> int:
@@ -219,8 +223,9 @@ class SeekableInput:
         first = step * self.global_batch_size + tf.cast(replica, tf.int64) * per_replica
         return self.train_indices(first[..., tf.newaxis] + tf.range(per_replica, dtype=tf.int64))
 
-    def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int):
-        """An iterator of per-replica train batches starting at global step `start_step`.
+    def distributed_train_iterator(self, strategy: tf.distribute.Strategy, *, start_step: int,
+                                   num_steps: int | None = None):
+        """An iterator of per-replica train batches of `num_steps` steps (None: endless) from global step `start_step`.
 
         With `prefetch` 0 a `StepIterator` (batches computed inside the step), otherwise an
         iterator over `train_dataset`; both yield the same batches.
@@ -228,7 +233,7 @@ class SeekableInput:
         if not self.prefetch:  # in-memory data only: file-backed data always prefetches
             return StepIterator(self, strategy, start_step=start_step)
         return iter(strategy.distribute_datasets_from_function(
-            lambda context: self.train_dataset(context, start_step=start_step)))
+            lambda context: self.train_dataset(context, start_step=start_step, num_steps=num_steps)))
 
     def distributed_eval_dataset(self, strategy: tf.distribute.Strategy):
         """Per-replica eval batches covering the eval split once."""
