@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,11 +18,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.config.composition import register_configs
-
-if TYPE_CHECKING:
-    import tensorflow as tf
-
-    from harness.config.run_config import RunConfig
 
 PROCESS_STARTED = time.time()
 _main_entered = False  # Hydra composed the config: from here on, Hydra's own exit 1 means a crash
@@ -37,17 +31,6 @@ def train(cfg: DictConfig):
     from harness.lean_import import import_tensorflow
 
     import_tensorflow()  # without Keras's optional scikit-learn and IPython imports: ~1 s of every start
-    from harness.distributed import strategy
-
-    dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
-    # A peer lost in a start-up collective (variables' initial values, the restored-step check) stops the
-    # run like one lost in training (the controller's, which names the step): exit 4, restart the gang.
-    with strategy.lost_peers_stall(dist, when=lambda: "during start-up, before the first training step"):
-        return _train_with(run, dist)
-
-
-def _train_with(run: RunConfig, dist: tf.distribute.Strategy):
-    """The run, on the strategy `build_strategy` made for it."""
     from harness import runtime
     from harness.checkpoint import checkpointer, pacing
     from harness.control import actions, controller, progress, summaries
@@ -57,6 +40,7 @@ def _train_with(run: RunConfig, dist: tf.distribute.Strategy):
     from harness.results import export, warm_start
     from harness.training import assembly, loop
 
+    dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
                               mixed_precision=run.trainer.mixed_precision)
@@ -66,7 +50,9 @@ def _train_with(run: RunConfig, dist: tf.distribute.Strategy):
 
     if run.export.enabled and is_chief:
         export.check_export_dir(run.export.dir)  # not hours of training first
-    with dist.scope():
+    # Variables' initial values are broadcast from worker 0: a peer lost there stops the run like one lost in
+    # training (exit 4, the gang restarts), not as a crash.
+    with dist.scope(), strategy.lost_peers_stall(dist, when=lambda: "during start-up, while building the model"):
         train_state = assembly.build_train_state(run, task_data)  # refuses a model that does not fit the task
     model = train_state.model
 

@@ -375,32 +375,39 @@ def test_a_pattern_matching_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing", "two_sets", "a_copy"])
-def test_a_glob_of_numbered_shards_must_match_one_complete_set(tmp_path: Path, case: str) -> None:
+def test_a_glob_of_numbered_shards_must_not_miss_or_mix_members_of_a_set(tmp_path: Path, case: str) -> None:
     """A copy that missed a shard, a second set beside the first (an interrupted --overwrite), a stray copy of a
     shard: each would train on the wrong records without a word."""
     pattern, _, _ = _shards(tmp_path)  # data-0000{0..4}-of-00005.array_record
     shard = tmp_path / "data-00003-of-00005.array_record"
+    set_name = re.escape(str(tmp_path / "data-NNNNN-of-NNNNN"))
     if case == "missing":
         shard.unlink()
-        expected = r"are not one complete shard set: 1 of its 5 shards are missing \(shard 3\)\. Expected each of"
+        expected = rf"miss 1 of the 5 shards of the set '{set_name}.array_record' \(shard 3; the pattern would match"
     elif case == "two_sets":
         shard.rename(tmp_path / "data-00000-of-00001.array_record")
-        expected = r"belong to 2 shard sets \(-of-00001, -of-00005\): expected the shards of one set"
+        expected = rf"hold 2 shard sets named '{set_name}.array_record' \(-of-00001, -of-00005\): expected one"
     else:
         (tmp_path / "data-00003-of-00005 (copy).array_record").write_bytes(shard.read_bytes())
-        expected = r"are not one complete shard set: more than one file holds shard 3\."
+        expected = rf"miss 4 of the 5 shards of the set '{set_name} \(copy\).array_record' \(shard 0, 1, 2, 4;"
     with pytest.raises(DataError, match=rf"The files matching '{re.escape(pattern)}' \(data.path\) {expected}"
                        ) as raised:
         RecordShards(pattern, features_key="features", labels_key="labels")
     _one_paragraph(raised)
 
 
-def test_shards_named_otherwise_are_not_checked_as_a_set(tmp_path: Path) -> None:
-    _, features, _ = _shards(tmp_path)
-    for index, shard in enumerate(sorted(tmp_path.glob("*.array_record"))):
-        shard.rename(tmp_path / f"part-{index}.array_record")
-    (tmp_path / "part-3.array_record").unlink()  # nothing says it belonged to a set
-    with RecordShards(str(tmp_path / "part-*"), features_key="features", labels_key="labels") as shards:
+def test_part_of_a_set_on_purpose_and_shards_named_otherwise_are_accepted(tmp_path: Path) -> None:
+    _, features, _ = _shards(tmp_path / "a")  # 5 shards of 70, 70, 70, 70 and 20 records
+    _shards(tmp_path / "b")
+    for pattern, records in ((tmp_path / "a" / "data-0000[0-3]-of-00005.array_record", 280),  # a split by shard
+                             (tmp_path / "a" / "data-00004-of-00005.array_record", 20),  # one shard
+                             (tmp_path / "*" / "data-*.array_record", 2 * len(features))):  # two whole sets
+        with RecordShards(str(pattern), features_key="features", labels_key="labels") as shards:
+            assert shards.num_records == records, pattern
+    for index, shard in enumerate(sorted((tmp_path / "a").glob("*.array_record"))):
+        shard.rename(tmp_path / "a" / f"part-{index}.array_record")
+    (tmp_path / "a" / "part-3.array_record").unlink()  # nothing says it belonged to a set
+    with RecordShards(str(tmp_path / "a" / "part-*"), features_key="features", labels_key="labels") as shards:
         assert shards.num_records == len(features) - 70
 
 

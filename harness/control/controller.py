@@ -46,8 +46,6 @@ class Outcome:
     final_metrics: dict[str, float]
 
 
-# What a collective raises when a peer is gone (TF 2.21: UnavailableError for missed heartbeats).
-
 @dataclass
 class Controller:
     """Drives training from the restored step to `max_steps`: inner loop, then `actions`, repeated."""

@@ -20,13 +20,14 @@ empty, TFRecord and directory inputs), never by aborting the process.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import os
+import posixpath
 import re
 import resource
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -307,27 +308,36 @@ class RecordShards:
             raise
 
     def _check_one_complete_set(self) -> None:
-        """Shards named `...-<index>-of-<count>...` (this project's converter, TFDS, Beam) must be one whole set: a
-        copy that missed a shard, or a second set beside the first (an interrupted `--overwrite`, two conversions
-        into one directory), would otherwise train on the wrong records without a word. Other names: no check."""
-        numbered = [_SHARD_NUMBERING.search(os.path.basename(path)) for path in self.files]
-        if not all(numbered):
-            return
-        where = f"The files matching '{self.pattern}' ({self.key})"
-        counts = sorted({int(match.group(2)) for match in numbered})
-        if len(counts) > 1:
-            sets = ", ".join(f"-of-{count:05d}" for count in counts)
-            raise DataError(f"{where} belong to {len(counts)} shard sets ({sets}): expected the shards of one set. "
-                            "Remove the other set (e.g. left by an earlier conversion into the same directory), or "
-                            "narrow the pattern.")
-        files_per_shard = Counter(int(match.group(1)) for match in numbered)
-        missing = sorted(set(range(counts[0])) - files_per_shard.keys())
-        repeated = sorted(shard for shard, files in files_per_shard.items() if files > 1)
-        if missing or repeated:
-            problem = (f"{len(missing)} of its {counts[0]} shards are missing (shard {_few(missing)})" if missing else
-                       f"more than one file holds shard {_few(repeated)}")
-            raise DataError(f"{where} are not one complete shard set: {problem}. Expected each of the shards "
-                            f"0..{counts[0] - 1} once; a copy of the shards may be unfinished.")
+        """Shards named `...-<index>-of-<count>...` (this project's converter, TFDS, Beam) that the pattern selects
+        must not miss or mix members of their set: a copy that missed a shard, a second set beside the first (an
+        interrupted `--overwrite`, two conversions into one directory) or a stray copy of a shard would otherwise
+        train on the wrong records without a word. A pattern that selects part of a set on purpose (a range, one
+        shard) is fine: a shard counts as missing only if the pattern would match its name. Other names: no check."""
+        sets: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (directory, name around the numbering) -> members
+        for path in self.files:
+            directory, name = posixpath.split(path)
+            numbering = _SHARD_NUMBERING.search(name)
+            if numbering is not None:
+                key = (directory, f"{name[:numbering.start()]}\0{name[numbering.end():]}")
+                sets.setdefault(key, []).append((int(numbering.group(1)), int(numbering.group(2))))
+        for (directory, around), members in sets.items():
+            prefix, suffix = around.split("\0")
+            set_name = posixpath.join(directory, f"{prefix}-NNNNN-of-NNNNN{suffix}")
+            counts = sorted({count for _, count in members})
+            if len(counts) > 1:
+                raise DataError(
+                    f"The files matching '{self.pattern}' ({self.key}) hold {len(counts)} shard sets named "
+                    f"'{set_name}' ({', '.join(f'-of-{count:05d}' for count in counts)}): expected one. Remove the "
+                    "other set (e.g. left by an earlier conversion into the same directory), or narrow the pattern.")
+            present = {index for index, _ in members}
+            missing = [index for index in range(counts[0]) if index not in present and fnmatch.fnmatchcase(
+                posixpath.join(directory, f"{prefix}-{index:05d}-of-{counts[0]:05d}{suffix}"), self.pattern)]
+            if missing:
+                raise DataError(
+                    f"The files matching '{self.pattern}' ({self.key}) miss {len(missing)} of the {counts[0]} shards "
+                    f"of the set '{set_name}' (shard {_few(missing)}; the pattern would match their names). Expected "
+                    "every shard of a set the pattern selects: a copy of the shards may be unfinished, or a stray "
+                    "file (e.g. a copy of one shard) matches the pattern.")
 
     def _open_and_check(self, features_key: str, labels_key: str, feature_shape: Sequence[int] | None) -> None:
         _allow_open_files(2 * len(self.files))

@@ -110,7 +110,8 @@ def check_workers_restored_the_same_step(strategy: tf.distribute.Strategy, step:
     if num_workers(strategy) <= 1:
         return
     mine = -1.0 if step is None else float(step)
-    restored = strategy.gather(strategy.run(lambda: tf.constant([mine], tf.float64)), axis=0).numpy()
+    with lost_peers_stall(strategy, when=lambda: "during start-up, while the workers compared the restored step"):
+        restored = strategy.gather(strategy.run(lambda: tf.constant([mine], tf.float64)), axis=0).numpy()
     if restored.min() != restored.max():
         found = ", ".join("no checkpoint" if value < 0 else f"step {int(value)}" for value in sorted(set(restored)))
         raise CheckpointError(
