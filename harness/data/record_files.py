@@ -313,15 +313,14 @@ class RecordShards:
         interrupted `--overwrite`, two conversions into one directory) or a stray copy of a shard would otherwise
         train on the wrong records without a word. A pattern that selects part of a set on purpose (a range, one
         shard) is fine: a shard counts as missing only if the pattern would match its name. Other names: no check."""
-        sets: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (directory, name around the numbering) -> members
+        sets: dict[tuple[str, str, str], list[tuple[int, int]]] = {}  # (directory, prefix, suffix) -> members
         for path in self.files:
             directory, name = posixpath.split(path)
             numbering = _SHARD_NUMBERING.search(name)
             if numbering is not None:
-                key = (directory, f"{name[:numbering.start()]}\0{name[numbering.end():]}")
+                key = (directory, name[:numbering.start()], name[numbering.end():])
                 sets.setdefault(key, []).append((int(numbering.group(1)), int(numbering.group(2))))
-        for (directory, around), members in sets.items():
-            prefix, suffix = around.split("\0")
+        for (directory, prefix, suffix), members in sets.items():
             set_name = posixpath.join(directory, f"{prefix}-NNNNN-of-NNNNN{suffix}")
             counts = sorted({count for _, count in members})
             if len(counts) > 1:
@@ -443,7 +442,7 @@ class RecordShards:
         return np.concatenate(not_decoded) if not_decoded else np.arange(0)
 
     def read_serialized(self, indices: np.ndarray) -> list[bytes]:
-        """The serialized `tf.train.Example`s at global `indices`, in that order; one batched read per shard."""
+        """The serialized `tf.train.Example`s at global `indices`, in that order; one read call per shard touched."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self._closed.is_set():
             raise ValueError(f"RecordShards('{self.pattern}') is closed")
