@@ -543,7 +543,32 @@ def test_existing_shards_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: 
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == new_shards
     partial = [f".partial-0000{shard}.array_record" for shard in range(2)]
     assert [(os.path.basename(path), names[:2]) for path, names in fsynced[:2]] == [(name, partial) for name in partial]
-    assert fsynced[2:] == [(os.path.realpath(tmp_path / "out"), new_shards)] and len(fsynced) == 3
+    directory = os.path.realpath(tmp_path / "out")  # the old shards removed, then the new ones renamed
+    assert fsynced[2:] == [(directory, partial), (directory, new_shards)]
+
+
+def test_an_interrupted_overwrite_leaves_a_set_that_training_refuses(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same shard count before and after: had old and new shards been left side by side, nothing could tell them
+    from one set, and training would read a mix of two data sets without a word."""
+    pattern = str(tmp_path / "data-*.array_record")
+    write_array_shards(*_arrays(10), str(tmp_path), num_shards=2)
+    renamed: list[str] = []
+    real_rename = tf.io.gfile.rename
+
+    def rename_then_die(source: str, target: str, overwrite: bool = False) -> None:
+        if renamed:
+            raise KeyboardInterrupt  # the process dies between two renames
+        real_rename(source, target, overwrite)
+        renamed.append(target)
+
+    monkeypatch.setattr(tf.io.gfile, "rename", rename_then_die)
+    features, labels = _arrays(10)
+    with pytest.raises(KeyboardInterrupt):
+        write_array_shards(features + 1, labels, str(tmp_path), num_shards=2, overwrite=True)
+    assert sorted(path.name for path in tmp_path.glob("data-*")) == ["data-00000-of-00002.array_record"]
+    with pytest.raises(DataError, match=r"miss 1 of the 2 shards of the set .*\(shard 1; the pattern would match"):
+        RecordShards(pattern, features_key="features", labels_key="labels")
 
 
 def test_an_unwritable_output_directory(tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ TFRecord input is read a batch at a time and passed through as-is after its layo
 against the first record's (`harness/data/record_files.py: ExampleLayout`); .npz members are read a
 chunk of rows at a time straight from the archive. Shards are written under temporary names and
 renamed once all are complete, so an interrupted conversion leaves no shard that looks finished;
-existing shards are never replaced unless `overwrite`. Used by scripts/convert_to_array_record.py
-and by benchmarks that need a data set on disk (`write_synthetic_shards`, `write_array_shards`).
+existing shards are never replaced unless `overwrite`, and then removed before the renames, so an interrupted
+overwrite leaves an incomplete new set that training refuses, never a mix of old and new shards. Used by
+scripts/convert_to_array_record.py and by benchmarks that need a data set on disk (`write_synthetic_shards`,
+`write_array_shards`).
 """
 
 from __future__ import annotations
@@ -191,15 +193,19 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
     if not written:
         raise DataError("The input holds no records: expected at least one.")
     # On disk before they take the shards' names, so that a power loss after the summary never leaves empty or
-    # partial files under them. With --overwrite, a crash during the renames can leave old and new shards side
-    # by side (renaming one at a time cannot be atomic): rerun the conversion then.
+    # partial files under them.
     for path in temporary:
         fsync(path)
+    # With --overwrite the old shards go (durably) before any new one takes a name: renaming one at a time cannot be
+    # atomic, and an interruption must leave part of the *new* set, which training refuses as incomplete
+    # (record_files.RecordShards), never old and new shards side by side, which it could not tell from one set.
+    for path in existing:
+        tf.io.gfile.remove(path)
+    if existing:
+        fsync(output_dir)
     files = [os.path.join(output_dir, shard_name(shard, len(temporary))) for shard in range(len(temporary))]
     for path, final in zip(temporary, files):
-        tf.io.gfile.rename(path, final, overwrite=True)
-    for path in sorted(set(existing) - set(files)):
-        tf.io.gfile.remove(path)
+        tf.io.gfile.rename(path, final)
     fsync(output_dir)
     return ConversionSummary(written, files)
 
