@@ -6,6 +6,9 @@ In-process with small real states; the GB-scale figures are `scripts/benchmark.p
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -18,8 +21,11 @@ import tensorflow as tf
 from harness.checkpoint import writing
 from harness.checkpoint.checkpointer import Checkpointer
 from harness.checkpoint.files import list_checkpoints
+from harness.checkpoint.restoring import released
 from harness.checkpoint.writing import collective_read_variables
+from harness.errors import CheckpointError
 from harness.training.state import TrainState, create_train_state
+from tests.conftest import PROJECT_ROOT, subprocess_env
 
 
 def small_state() -> TrainState:
@@ -213,3 +219,127 @@ def test_a_rollback_to_a_checkpoint_kept_by_keep_every_hours_keeps_it(tmp_path: 
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-200")
     assert checkpointer().manager.checkpoints == []
     assert _steps_on_disk(directory) == [100, 200]
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring: the large variables' buffers are freed first, and every one gets a value back
+# ---------------------------------------------------------------------------------------------
+def wide_state(width: int = 1024) -> TrainState:
+    """Kernels of 1024 x `width` float32 (4 MB at 1024) and their Adam slots: above RELEASE_MIN_BYTES."""
+    model = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(width, name="dense"),
+                              keras.layers.Dense(10, name="logits")], name="net")
+    state = create_train_state(model, keras.optimizers.Adam())
+    state.optimizer.build(model.trainable_variables)
+    return state
+
+
+def _state_values(state: TrainState) -> dict[str, object]:
+    return {variable.path: variable.numpy() for variable in [*state.model.weights, *state.optimizer.variables]}
+
+
+def _perturb(state: TrainState) -> None:
+    for variable in [*state.model.weights, *state.optimizer.variables]:
+        variable.assign(variable + tf.ones_like(variable))
+
+
+def _memory_kib(field_name: str) -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field_name + ":"))
+
+
+def test_a_restore_holds_one_copy_of_the_state_not_two(tmp_path: Path) -> None:
+    """TensorFlow reads into new tensors; with the old values still held, the peak would be twice the state. A
+    fresh process: memory that earlier tests freed (TensorFlow keeps it) would hide the second copy."""
+    script = f"""
+import tensorflow as tf
+from harness.checkpoint.checkpointer import Checkpointer
+from tests.test_checkpoint_io import _memory_kib, _state_values, wide_state
+state = wide_state(width=16384)  # a 64 MB kernel and two 64 MB Adam slots
+checkpointer = Checkpointer(state, directory={str(tmp_path)!r}, max_to_keep=1, keep_every_hours=None,
+                            async_save=False, is_chief=True)
+state.step.assign(1)
+checkpointer.save(1)
+state_bytes = sum(value.nbytes for value in _state_values(state).values())
+with open("/proc/self/clear_refs", "w") as handle:  # VmHWM starts again from the current RSS
+    handle.write("5")
+before_kib = _memory_kib("VmRSS")
+assert checkpointer.restore_latest().step == 1
+print("added", (_memory_kib("VmHWM") - before_kib) * 1024 / state_bytes)
+"""
+    added = float(_run_child(script).split("added")[-1])
+    assert added < 0.5, f"the restore added {added:.2f}x the state at its peak"
+
+
+def test_a_restore_into_a_different_model_reports_real_shapes_and_falls_back_past_a_corrupted_one(
+        tmp_path: Path) -> None:
+    """The released variables' shapes are back for the report; a corrupted newest checkpoint is skipped and the
+    older one assigns every variable."""
+    state = wide_state()
+    checkpointer = Checkpointer(state, directory=str(tmp_path), max_to_keep=2, keep_every_hours=None,
+                                async_save=False, is_chief=True)
+    state.step.assign(1)
+    checkpointer.save(1)
+    saved = _state_values(state)
+    _perturb(state)
+    state.step.assign(2)
+    checkpointer.save(2)
+    data = tmp_path / "ckpt-2.data-00000-of-00001"
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    data.write_bytes(bytes(content))
+    assert checkpointer.restore_latest().step == 1
+    restored = _state_values(state)
+    assert all((restored[name] == value).all() for name, value in saved.items())
+
+    other = wide_state(width=1100)
+    reader = Checkpointer(other, directory=str(tmp_path), max_to_keep=2, keep_every_hours=None, async_save=False,
+                          is_chief=True)
+    with pytest.raises(CheckpointError, match=re.escape("model/dense/kernel: checkpoint [1024, 1024] float32 vs "
+                                                        "model [1024, 1100] float32")):
+        reader.restore_latest()
+    assert all(tuple(variable.value.read_value().shape) == tuple(variable.shape)
+               for variable in [*other.model.weights, *other.optimizer.variables])
+
+
+def test_a_restore_that_assigned_nothing_is_refused() -> None:
+    variable = tf.Variable(tf.ones([512, 1024]))
+    with pytest.raises(CheckpointError, match=r"assigned no value to 1 variables \(Variable:0\)"), released([variable]):
+        pass
+    assert (variable.numpy() == 0).all() and variable.numpy().shape == (512, 1024)
+
+
+def test_mirrored_variables_on_two_devices_keep_their_buffers_and_are_restored(tmp_path: Path) -> None:
+    """`tf.distribute` variables assign each device's copy with a shape check, so they are not released; every
+    copy gets the checkpoint's value (a child process: logical CPU devices must exist before TensorFlow starts)."""
+    script = f"""
+import keras, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from harness.checkpoint.checkpointer import Checkpointer
+from tests.test_checkpoint_io import _perturb, _state_values, wide_state
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    state = wide_state()
+checkpointer = Checkpointer(state, directory={str(tmp_path)!r}, max_to_keep=1, keep_every_hours=None,
+                            async_save=False, is_chief=True)
+state.step.assign(1)
+checkpointer.save(1)
+saved = _state_values(state)
+_perturb(state)
+assert checkpointer.restore_latest().step == 1
+kernel = state.model.get_layer("dense").kernel.value
+assert len(kernel.values) == 2 and kernel.values[0].device != kernel.values[1].device
+for variable in [*state.model.weights, *state.optimizer.variables]:
+    for component in variable.value.values:
+        assert (component.numpy() == saved[variable.path]).all(), variable.path
+print("restored", len(saved))
+"""
+    assert "restored" in _run_child(script)
+
+
+def _run_child(script: str) -> str:
+    """Run `script` in a fresh Python process from the project root; its stdout."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                            env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

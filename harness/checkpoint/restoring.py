@@ -5,16 +5,25 @@ Owns the choice of checkpoint and what is said about it: newest first; one that 
 tried; one that is readable but does not fit the state is refused with a report of the differing
 variables (`contents.compare`), before anything is written. TensorFlow verifies each tensor's
 checksum as it reads it, so the data is read once. Restoring never writes.
+
+Memory: TensorFlow reads a checkpoint into new tensors, which the variables then take over. Left alone, a
+restore would hold the old and the restored state at once (twice the state at its peak) and read into fresh
+memory. So the large variables' buffers are freed first (`released`): the peak stays at one state, and the
+read reuses memory the process already has instead of faulting in new pages (2 GB state, cold, in a fresh
+process: 3.0-4.1 s -> 1.4-1.6 s; docs/benchmarks.md, section 5). Single-device variables only (the default
+strategy); `tf.distribute` variables keep their buffers (see `_single_device`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from harness.checkpoint.contents import Variable, compare, expected_variables, read_provenance, read_variables
@@ -24,6 +33,8 @@ from harness.errors import CheckpointError
 from harness.training.state import TrainState
 
 log = logging.getLogger(__name__)
+
+RELEASE_MIN_BYTES = 1 << 20  # variables smaller than this keep their buffers during a restore: nothing to gain
 
 
 @dataclass
@@ -71,8 +82,9 @@ class Restorer:
                 verify(path, read_provenance(path))
             status = None
             try:
-                status = self._reader_for(saved).read(path)
-                status.assert_consumed()
+                with released(self._large_variables()):
+                    status = self._reader_for(saved).read(path)
+                    status.assert_consumed()
             except READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
                 skipped.append(path)
                 log.warning("checkpoint %s is corrupted (%s); trying an older one", checkpoint_name(path),
@@ -110,6 +122,13 @@ class Restorer:
         _ = reader.save_counter  # consumes the checkpoint's counter, as for `_checkpoint`
         return reader
 
+    def _large_variables(self) -> list[tf.Variable]:
+        """The model's and optimizer's single-device variables of at least RELEASE_MIN_BYTES."""
+        variables = [_single_device(variable) for variable in [*self.state.model.weights,
+                                                               *self.state.optimizer.variables]]
+        return [variable for variable in variables
+                if variable is not None and variable.shape.num_elements() * variable.dtype.size >= RELEASE_MIN_BYTES]
+
     def _mismatch_report(self, path: str, saved: Mapping[str, Variable], detail: str) -> str:
         difference = compare(saved, expected_variables(self.state.checkpoint_items()))
         lines = [f"Checkpoint {checkpoint_name(path)} in '{self.directory}' does not match the model and optimizer "
@@ -120,3 +139,44 @@ class Restorer:
                      "(see config.yaml in the run directory)? Or does run_dir / checkpoint.dir point at another "
                      "experiment? Use a new `experiment=` (or run_dir) to train this config from scratch.")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def released(variables: Sequence[tf.Variable]) -> Iterator[None]:
+    """Free the buffers of `variables` (each holds an empty tensor) for a restore that assigns every one of them.
+
+    A restore that fails leaves zeros of each variable's shape where it assigned nothing, so that the caller's
+    report (or the next candidate) sees the state's real shapes; one that succeeds must have assigned them all.
+    """
+    for variable in variables:
+        _replace_value(variable, tf.zeros([0], variable.dtype))
+    try:
+        yield
+    except BaseException:
+        _refill(variables)
+        raise
+    if not_assigned := _refill(variables):
+        raise CheckpointError(f"The restore assigned no value to {len(not_assigned)} variables "
+                              f"({', '.join(v.name for v in not_assigned[:5])}): expected it to assign every one.")
+
+
+def _refill(variables: Sequence[tf.Variable]) -> list[tf.Variable]:
+    """Zeros of its shape for every variable still released; returns those variables."""
+    empty = [variable for variable in variables
+             if tf.raw_ops.VariableShape(input=variable.handle).numpy().tolist() != variable.shape.as_list()]
+    for variable in empty:
+        _replace_value(variable, tf.zeros(variable.shape, variable.dtype))
+    return empty
+
+
+def _replace_value(variable: tf.Variable, value: tf.Tensor) -> None:
+    """Assign without the shape check of `tf.Variable.assign`: the value may have another shape."""
+    with tf.device(variable.device):
+        tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value, validate_shape=False)
+
+
+def _single_device(variable: object) -> tf.Variable | None:
+    """The TensorFlow variable behind a Keras variable, unless it is a `tf.distribute` one: those assign every
+    device's copy with `tf.Variable.assign`, which refuses a value whose shape differs from the current one."""
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    return None if isinstance(value, tf.distribute.DistributedValues) else value
