@@ -177,7 +177,9 @@ def print_checkpoint_table(results: list[dict]) -> None:
             pairs += [("restore (warm)", "raw read (warm)", "restore, warm cache"),
                       ("restore (cold)", "raw read (cold)", "restore, cold cache"),
                       ("restore (cold, first in the process)", "raw read (cold)",
-                       "restore, cold cache, first in the process")]
+                       "restore, cold cache, first in the process"),
+                      ("restore (cold, fresh process)", "raw read (cold, fresh process)",
+                       "restore, cold cache, in a fresh process (a resumed run)")]
         for mine, raw, what in pairs:
             ratios = [a / b for a, b in zip(figures[mine], figures[raw])]
             print(f"| {label} | {result['mode']} | {what} | {bench.median(figures[mine]):.2f} s | "
@@ -186,6 +188,12 @@ def print_checkpoint_table(results: list[dict]) -> None:
         added = figures["save: peak RSS added / state"]
         print(f"| {label} | {result['mode']} | peak RSS added by saving / state | {bench.median(added):.2f} (max "
               f"{max(added):.2f}) | training peak without saving: {result['baseline_rss_bytes'] / 1e9:.2f} GB | | |")
+        for name, what in (("restore: peak RSS added / state", "peak RSS added by a restore / state"),
+                           ("restore, fresh process: peak RSS added / state",
+                            "peak RSS added by a restore in a fresh process / state")):
+            if name in figures:
+                print(f"| {label} | {result['mode']} | {what} | {bench.median(figures[name]):.2f} (max "
+                      f"{max(figures[name]):.2f}) | | | |")
     cold = next((r["figures"]["cold cache by"][0] for r in results if "cold cache by" in r["figures"]), "-")
     print(f"\n(cold cache: {cold} before each cold read)", flush=True)
 

@@ -693,9 +693,43 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
                 if kind == "restore":
                     record("restore: peak RSS added / state", (_memory_kib("VmHWM") - before_kib) * 1024 / state_bytes)
     del tf
-    shutil.rmtree(directory, ignore_errors=True)
+    if mode != "sync":  # the sync run's checkpoint stays for `fresh_process_restore_child`
+        shutil.rmtree(directory, ignore_errors=True)
     return {"state_bytes": state_bytes, "checkpoint_bytes": checkpoint_bytes, "width": width,
             "baseline_rss_bytes": baseline_kib * 1024, "figures": figures}
+
+
+def fresh_process_restore_child(state_gigabytes: float, *, work_dir: str, seed: int) -> dict[str, float]:
+    """What a resumed run does, in a fresh process: build the state (its initial values), then restore the sync
+    child's checkpoint from a cold cache; and a cold raw read of its files, in a random order."""
+    from harness.checkpoint import checkpointer as checkpointing
+    from harness.config import run_config
+    from harness.training import modeling, optimization, state
+
+    width = hidden_width_for(state_gigabytes)
+    run = run_config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
+    model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
+    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
+    directory = os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-sync")
+    files = sorted(glob.glob(os.path.join(directory, "ckpt-*.*")))
+    reader = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
+                                        async_save=False, is_chief=True)
+    jobs = ["restore", "raw read"]
+    random.Random(seed).shuffle(jobs)
+    figures = {}
+    for job in jobs:
+        drop_page_cache(files)
+        reset_peak_rss()
+        before_kib = _memory_kib("VmRSS")
+        started = time.perf_counter()
+        if job == "restore":
+            reader.restore_latest()
+        else:
+            _plain_read(files)
+        figures[job] = time.perf_counter() - started
+        if job == "restore":
+            figures["restore: peak RSS added"] = (_memory_kib("VmHWM") - before_kib) * 1024
+    return figures
 
 
 def _training_steps(train_state: Any) -> Callable[[int], None]:
@@ -719,18 +753,32 @@ def _training_steps(train_state: Any) -> Callable[[int], None]:
 
 
 def measure_checkpoint_io(sizes_gigabytes: Sequence[float], *, repeats: int, work_dir: str) -> list[dict[str, Any]]:
-    """`checkpoint_io_child` for every size and mode, each in its own process; results in order."""
+    """`checkpoint_io_child` for every size and mode, each in its own process, then `repeats` fresh processes
+    restoring the sync child's checkpoint (added to its figures); results in order."""
     results = []
     for size in sizes_gigabytes:
         for mode in ("sync", "async"):
-            code = (f"import json, sys; import {__name__} as b; "  # this module, wherever it lives
-                    f"print('RESULT' + json.dumps(b.checkpoint_io_child({size}, mode={mode!r}, repeats={repeats}, "
-                    f"work_dir={work_dir!r})))")
-            completed = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=subprocess_env(),
-                                       capture_output=True, text=True, check=False)
-            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
-            if completed.returncode != 0 or not lines:
-                raise RuntimeError(f"checkpoint benchmark child ({size} GB, {mode}) failed:\n"
-                                   f"{completed.stderr[-3000:]}")
-            results.append({"gigabytes": size, "mode": mode, **json.loads(lines[-1][len("RESULT"):])})
+            result = _child_result(f"checkpoint_io_child({size}, mode={mode!r}, repeats={repeats}, "
+                                   f"work_dir={work_dir!r})", what=f"{size} GB, {mode}")
+            results.append({"gigabytes": size, "mode": mode, **result})
+        sync = next(result for result in results if result["gigabytes"] == size and result["mode"] == "sync")
+        for seed in range(repeats):
+            fresh = _child_result(f"fresh_process_restore_child({size}, work_dir={work_dir!r}, seed={seed})",
+                                  what=f"{size} GB, fresh-process restore")
+            sync["figures"].setdefault("restore (cold, fresh process)", []).append(fresh["restore"])
+            sync["figures"].setdefault("raw read (cold, fresh process)", []).append(fresh["raw read"])
+            sync["figures"].setdefault("restore, fresh process: peak RSS added / state", []).append(
+                fresh["restore: peak RSS added"] / sync["state_bytes"])
+        shutil.rmtree(os.path.join(work_dir, f"checkpoints-{size:g}-sync"), ignore_errors=True)
     return results
+
+
+def _child_result(call: str, *, what: str) -> Any:
+    """`call` (a function of this module) in a fresh Python process; its JSON result."""
+    code = f"import json; import {__name__} as b; print('RESULT' + json.dumps(b.{call}))"
+    completed = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=subprocess_env(),
+                               capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"checkpoint benchmark child ({what}) failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT"):])
