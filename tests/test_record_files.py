@@ -569,6 +569,12 @@ def test_an_interrupted_overwrite_leaves_a_set_that_training_refuses(tmp_path: P
     assert sorted(path.name for path in tmp_path.glob("data-*")) == ["data-00000-of-00002.array_record"]
     with pytest.raises(DataError, match=r"miss 1 of the 2 shards of the set .*\(shard 1; the pattern would match"):
         RecordShards(pattern, features_key="features", labels_key="labels")
+    monkeypatch.setattr(tf.io.gfile, "rename", real_rename)  # the rerun: one shard now, stale temporaries cleared
+    (tmp_path / ".partial-00007.array_record").write_bytes(b"left by an older conversion")
+    write_array_shards(features + 1, labels, str(tmp_path), num_shards=1, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data-00000-of-00001.array_record"]
+    with RecordShards(pattern, features_key="features", labels_key="labels") as shards:
+        assert shards.num_records == 10
 
 
 def test_an_unwritable_output_directory(tmp_path: Path) -> None:

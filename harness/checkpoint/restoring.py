@@ -148,12 +148,15 @@ def released(variables: Sequence[tf.Variable]) -> Iterator[None]:
     A restore that fails leaves zeros of each variable's shape where it assigned nothing, so that the caller's
     report (or the next candidate) sees the state's real shapes; one that succeeds must have assigned them all.
     """
-    for variable in variables:
-        _replace_value(variable, tf.zeros([0], variable.dtype))
     try:
+        for variable in variables:
+            _replace_value(variable, tf.zeros, [0], variable.dtype)
         yield
-    except BaseException:
-        _refill(variables)
+    except BaseException as error:
+        try:
+            _refill(variables)
+        except BaseException as refill_error:  # e.g. out of memory: report the restore's error, not this one
+            error.add_note(f"(and zeros could not be put back into the released variables: {refill_error!r})")
         raise
     if not_assigned := _refill(variables):
         raise CheckpointError(f"The restore assigned no value to {len(not_assigned)} variables "
@@ -165,18 +168,22 @@ def _refill(variables: Sequence[tf.Variable]) -> list[tf.Variable]:
     empty = [variable for variable in variables
              if tf.raw_ops.VariableShape(input=variable.handle).numpy().tolist() != variable.shape.as_list()]
     for variable in empty:
-        _replace_value(variable, tf.zeros(variable.shape, variable.dtype))
+        _replace_value(variable, tf.zeros, variable.shape, variable.dtype)
     return empty
 
 
-def _replace_value(variable: tf.Variable, value: tf.Tensor) -> None:
-    """Assign without the shape check of `tf.Variable.assign`: the value may have another shape."""
+def _replace_value(variable: tf.Variable, fill: Callable[..., tf.Tensor], shape: Sequence[int] | tf.TensorShape,
+                   dtype: tf.DType) -> None:
+    """Assign `fill(shape, dtype)`, made on the variable's device, without the shape check of `tf.Variable.assign`:
+    the value may have another shape."""
     with tf.device(variable.device):
-        tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value, validate_shape=False)
+        tf.raw_ops.AssignVariableOp(resource=variable.handle, value=fill(shape, dtype), validate_shape=False)
 
 
 def _single_device(variable: object) -> tf.Variable | None:
     """The TensorFlow variable behind a Keras variable, unless it is a `tf.distribute` one: those assign every
     device's copy with `tf.Variable.assign`, which refuses a value whose shape differs from the current one."""
     value = variable.value if isinstance(variable, keras.Variable) else variable
-    return None if isinstance(value, tf.distribute.DistributedValues) else value
+    if isinstance(value, tf.distribute.DistributedValues) or not isinstance(value, tf.Variable):
+        return None  # (a not-yet-initialised Keras variable's `value` is a tensor)
+    return value if value.shape.is_fully_defined() else None

@@ -35,6 +35,7 @@ from harness.host import fsync
 WRITER_OPTIONS = "group_size:1,uncompressed"
 DEFAULT_RECORDS_PER_SHARD = 100_000  # ~300 MB of 784-float records: few files to open, cheap to rewrite one
 SHARD_PATTERN = "data-?????-of-?????.array_record"
+PARTIAL_PATTERN = ".partial-?????.array_record"  # shards being written, renamed to SHARD_PATTERN once all are
 _CHUNK_ROWS = 1024  # rows read from the input at a time: bounds memory whatever the input's size
 
 
@@ -154,6 +155,10 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
     except tf.errors.OpError as error:
         raise DataError(f"Output directory '{output_dir}' cannot be created ({error_summary(error)}): expected "
                         "a writable directory.") from None
+    # Left by a conversion that was killed (a complete new set, if an --overwrite died between its removals and
+    # renames): this one rewrites them, and a stale one numbered past its last shard would stay forever.
+    for stale in tf.io.gfile.glob(os.path.join(output_dir, PARTIAL_PATTERN)):
+        tf.io.gfile.remove(stale)
     temporary: list[str] = []
     writer: ArrayRecordWriter | None = None
     written_in_shard = written = 0
@@ -167,7 +172,8 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
                 if writer is None or written_in_shard >= capacity:
                     if writer is not None:
                         writer.close()
-                    temporary.append(os.path.join(output_dir, f".partial-{len(temporary):05d}.array_record"))
+                    partial_name = PARTIAL_PATTERN.replace("?????", f"{len(temporary):05d}")
+                    temporary.append(os.path.join(output_dir, partial_name))
                     writer = ArrayRecordWriter(temporary[-1], WRITER_OPTIONS)
                     written_in_shard = 0
                 writer.write(record)

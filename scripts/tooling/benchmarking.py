@@ -757,19 +757,23 @@ def measure_checkpoint_io(sizes_gigabytes: Sequence[float], *, repeats: int, wor
     restoring the sync child's checkpoint (added to its figures); results in order."""
     results = []
     for size in sizes_gigabytes:
-        for mode in ("sync", "async"):
-            result = _child_result(f"checkpoint_io_child({size}, mode={mode!r}, repeats={repeats}, "
-                                   f"work_dir={work_dir!r})", what=f"{size} GB, {mode}")
-            results.append({"gigabytes": size, "mode": mode, **result})
-        sync = next(result for result in results if result["gigabytes"] == size and result["mode"] == "sync")
-        for seed in range(repeats):
-            fresh = _child_result(f"fresh_process_restore_child({size}, work_dir={work_dir!r}, seed={seed})",
-                                  what=f"{size} GB, fresh-process restore")
-            sync["figures"].setdefault("restore (cold, fresh process)", []).append(fresh["restore"])
-            sync["figures"].setdefault("raw read (cold, fresh process)", []).append(fresh["raw read"])
-            sync["figures"].setdefault("restore, fresh process: peak RSS added / state", []).append(
-                fresh["restore: peak RSS added"] / sync["state_bytes"])
-        shutil.rmtree(os.path.join(work_dir, f"checkpoints-{size:g}-sync"), ignore_errors=True)
+        sync = {"gigabytes": size, "mode": "sync", **_child_result(
+            f"checkpoint_io_child({size}, mode='sync', repeats={repeats}, work_dir={work_dir!r})",
+            what=f"{size} GB, sync")}
+        try:  # the sync child's checkpoint, read by fresh processes, then removed before the async child writes
+            for seed in range(repeats):
+                fresh = _child_result(f"fresh_process_restore_child({size}, work_dir={work_dir!r}, seed={seed})",
+                                      what=f"{size} GB, fresh-process restore")
+                sync["figures"].setdefault("restore (cold, fresh process)", []).append(fresh["restore"])
+                sync["figures"].setdefault("raw read (cold, fresh process)", []).append(fresh["raw read"])
+                sync["figures"].setdefault("restore, fresh process: peak RSS added / state", []).append(
+                    fresh["restore: peak RSS added"] / sync["state_bytes"])
+        finally:
+            shutil.rmtree(os.path.join(work_dir, f"checkpoints-{size:g}-sync"), ignore_errors=True)
+        results.append(sync)
+        results.append({"gigabytes": size, "mode": "async", **_child_result(
+            f"checkpoint_io_child({size}, mode='async', repeats={repeats}, work_dir={work_dir!r})",
+            what=f"{size} GB, async")})
     return results
 
 
