@@ -621,13 +621,9 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
     import tensorflow as tf
 
     from harness.checkpoint import checkpointer as checkpointing
-    from harness.config import run_config
-    from harness.training import modeling, optimization, state
 
-    width = hidden_width_for(state_gigabytes)
-    run = run_config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
-    model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
-    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
+    width, train_state = _mlp_adam_state(state_gigabytes, seed=seed)
+    model = train_state.model
     state_bytes = sum(int(v.numpy().nbytes) for v in [*model.weights, *train_state.optimizer.variables])
     directory = os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-{mode}")
     shutil.rmtree(directory, ignore_errors=True)
@@ -682,16 +678,10 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
                     figures["cold cache by"] = [drop_page_cache(files)]  # type: ignore[list-item]
                 else:
                     _plain_read(files)
-                reset_peak_rss()
-                before_kib = _memory_kib("VmRSS")
-                started = time.perf_counter()
+                seconds, added_bytes = _restore_or_read(kind, reader, files)
+                record(f"{kind} ({cache})", seconds)
                 if kind == "restore":
-                    reader.restore_latest()
-                else:
-                    _plain_read(files)
-                record(f"{kind} ({cache})", time.perf_counter() - started)
-                if kind == "restore":
-                    record("restore: peak RSS added / state", (_memory_kib("VmHWM") - before_kib) * 1024 / state_bytes)
+                    record("restore: peak RSS added / state", added_bytes / state_bytes)
     del tf
     if mode != "sync":  # the sync run's checkpoint stays for `fresh_process_restore_child`
         shutil.rmtree(directory, ignore_errors=True)
@@ -703,13 +693,8 @@ def fresh_process_restore_child(state_gigabytes: float, *, work_dir: str, seed: 
     """What a resumed run does, in a fresh process: build the state (its initial values), then restore the sync
     child's checkpoint from a cold cache; and a cold raw read of its files, in a random order."""
     from harness.checkpoint import checkpointer as checkpointing
-    from harness.config import run_config
-    from harness.training import modeling, optimization, state
 
-    width = hidden_width_for(state_gigabytes)
-    run = run_config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
-    model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
-    train_state = state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
+    _, train_state = _mlp_adam_state(state_gigabytes, seed=seed)
     directory = os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-sync")
     files = sorted(glob.glob(os.path.join(directory, "ckpt-*.*")))
     reader = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
@@ -719,17 +704,33 @@ def fresh_process_restore_child(state_gigabytes: float, *, work_dir: str, seed: 
     figures = {}
     for job in jobs:
         drop_page_cache(files)
-        reset_peak_rss()
-        before_kib = _memory_kib("VmRSS")
-        started = time.perf_counter()
+        figures[job], added_bytes = _restore_or_read(job, reader, files)
         if job == "restore":
-            reader.restore_latest()
-        else:
-            _plain_read(files)
-        figures[job] = time.perf_counter() - started
-        if job == "restore":
-            figures["restore: peak RSS added"] = (_memory_kib("VmHWM") - before_kib) * 1024
+            figures["restore: peak RSS added"] = added_bytes
     return figures
+
+
+def _mlp_adam_state(state_gigabytes: float, *, seed: int) -> tuple[int, Any]:
+    """(w, the TrainState of an MLP 784-w-w-10 + Adam of about `state_gigabytes`), built as train.py builds it."""
+    from harness.config import run_config
+    from harness.training import modeling, optimization, state
+
+    width = hidden_width_for(state_gigabytes)
+    run = run_config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
+    model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
+    return width, state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
+
+
+def _restore_or_read(kind: str, reader: Any, files: Sequence[str]) -> tuple[float, int]:
+    """Seconds of `reader.restore_latest()` ("restore") or a raw read of `files`, and the peak RSS it added."""
+    reset_peak_rss()
+    before_kib = _memory_kib("VmRSS")
+    started = time.perf_counter()
+    if kind == "restore":
+        reader.restore_latest()
+    else:
+        _plain_read(files)
+    return time.perf_counter() - started, (_memory_kib("VmHWM") - before_kib) * 1024
 
 
 def _training_steps(train_state: Any) -> Callable[[int], None]:
