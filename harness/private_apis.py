@@ -5,6 +5,8 @@ fix, and tests/test_state.py, test_distributed.py and test_checkpoint_io.py are 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -51,3 +53,23 @@ def raise_pending_async_write_error(checkpoint: tf.train.Checkpoint) -> None:
     helper: Any = getattr(checkpoint, "_async_checkpointer_impl", None)
     if helper is not None and hasattr(helper, "_check_async_thread_error"):
         helper._check_async_thread_error()
+
+
+@contextlib.contextmanager
+def assignments_without_shape_check(variables: Sequence[tf.Variable]) -> Iterator[None]:
+    """`tf.Variable.assign` on these variables skips its run-time check that the value has the variable's *current*
+    shape (the static shape is still checked). `tf.distribute` variables restore every device's copy through
+    `assign`, which would refuse the checkpoint's value for a copy whose buffer was released (an empty tensor)."""
+    flags = [variable._validate_shape for variable in variables]
+    for variable in variables:
+        variable._validate_shape = False
+    try:
+        yield
+    finally:
+        for variable, flag in zip(variables, flags):
+            variable._validate_shape = flag
+
+
+def is_packed(variable: tf.distribute.DistributedValues) -> bool:
+    """A packed distributed variable (TPUs) assigns through one handle for all devices, not its per-device copies."""
+    return getattr(variable, "_packed_variable", None) is not None

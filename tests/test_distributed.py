@@ -234,6 +234,21 @@ def test_multi_worker_completes_with_one_copy_of_checkpoints(tmp_path: Path, sin
     assert len(exports) == 1 and exports[0].startswith("[worker0] "), "only the chief exports"
 
 
+def test_a_gang_resumed_with_released_variables_ends_where_an_uninterrupted_gang_ends(tmp_path: Path) -> None:
+    """Kernels of 784 x 1024 and 1024 x 1024 (3-4 MB): a restore releases every worker's copies first
+    (harness/checkpoint/restoring.py), and the resumed gang still ends bit-identical."""
+    overrides = ("model.hidden=[1024,1024]", "deterministic=true", "trainer.eval_every=0", "checkpoint.every_steps=20",
+                 "export.enabled=false", "data.prefetch=2")
+    interrupted, uninterrupted, tmpdir = tmp_path / "interrupted", tmp_path / "uninterrupted", tmp_path / "tmp"
+    outputs = []
+    for run_dir, steps in ((interrupted, 40), (interrupted, 60), (uninterrupted, 60)):
+        code, output = run_gang(run_dir, *overrides, f"trainer.max_steps={steps}", tmpdir=tmpdir)
+        assert code == 0, output[-6000:]
+        outputs.append(output)
+    assert resumed_step(worker_lines(outputs[1], 0)) == resumed_step(worker_lines(outputs[1], 1)) == 40
+    assert max_difference(interrupted / "checkpoints" / "ckpt-60", uninterrupted / "checkpoints" / "ckpt-60") == 0
+
+
 @pytest.mark.slow
 def test_sigkilled_worker_fails_the_gang_and_a_gang_restart_finishes(tmp_path: Path) -> None:
     run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"

@@ -10,8 +10,8 @@ Memory: TensorFlow reads a checkpoint into new tensors, which the variables then
 restore would hold the old and the restored state at once (twice the state at its peak) and read into fresh
 memory. So the large variables' buffers are freed first (`released`): the peak stays at one state, and the
 read reuses memory the process already has instead of faulting in new pages (2 GB state, cold, in a fresh
-process: 3.0-4.1 s -> 1.4-1.6 s; docs/benchmarks.md, section 5). Single-device variables only (the default
-strategy); `tf.distribute` variables keep their buffers (see `_single_device`).
+process: 3.0-4.1 s -> 1.4-1.6 s; docs/benchmarks.md, section 5). Under a `tf.distribute` strategy every
+device's copy is released.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from harness.checkpoint.contents import Variable, compare, expected_variables, r
 from harness.checkpoint.files import READ_ERRORS, checkpoint_bytes, checkpoint_name, list_checkpoints
 from harness.checkpoint.writing import describe_failure
 from harness.errors import CheckpointError
+from harness.private_apis import assignments_without_shape_check, is_packed
 from harness.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,10 @@ class Restorer:
         return reader
 
     def _large_variables(self) -> list[tf.Variable]:
-        """The model's and optimizer's single-device variables of at least RELEASE_MIN_BYTES."""
-        variables = [_single_device(variable) for variable in [*self.state.model.weights,
-                                                               *self.state.optimizer.variables]]
-        return [variable for variable in variables
-                if variable is not None and variable.shape.num_elements() * variable.dtype.size >= RELEASE_MIN_BYTES]
+        """The per-device variables of the model and optimizer of at least RELEASE_MIN_BYTES."""
+        return [component for variable in [*self.state.model.weights, *self.state.optimizer.variables]
+                for component in _per_device(variable)
+                if component.shape.num_elements() * component.dtype.size >= RELEASE_MIN_BYTES]
 
     def _mismatch_report(self, path: str, saved: Mapping[str, Variable], detail: str) -> str:
         difference = compare(saved, expected_variables(self.state.checkpoint_items()))
@@ -149,9 +149,10 @@ def released(variables: Sequence[tf.Variable]) -> Iterator[None]:
     report (or the next candidate) sees the state's real shapes; one that succeeds must have assigned them all.
     """
     try:
-        for variable in variables:
-            _replace_value(variable, tf.zeros, [0], variable.dtype)
-        yield
+        with assignments_without_shape_check(variables):
+            for variable in variables:
+                _replace_value(variable, tf.zeros, [0], variable.dtype)
+            yield
     except BaseException as error:
         try:
             _refill(variables)
@@ -180,10 +181,13 @@ def _replace_value(variable: tf.Variable, fill: Callable[..., tf.Tensor], shape:
         tf.raw_ops.AssignVariableOp(resource=variable.handle, value=fill(shape, dtype), validate_shape=False)
 
 
-def _single_device(variable: object) -> tf.Variable | None:
-    """The TensorFlow variable behind a Keras variable, unless it is a `tf.distribute` one: those assign every
-    device's copy with `tf.Variable.assign`, which refuses a value whose shape differs from the current one."""
+def _per_device(variable: object) -> list[tf.Variable]:
+    """The TensorFlow variables behind a Keras variable: one, or one per device under a `tf.distribute` strategy
+    (none for a packed one, or one not yet initialised or of unknown shape: those keep their buffers)."""
     value = variable.value if isinstance(variable, keras.Variable) else variable
-    if isinstance(value, tf.distribute.DistributedValues) or not isinstance(value, tf.Variable):
-        return None  # (a not-yet-initialised Keras variable's `value` is a tensor)
-    return value if value.shape.is_fully_defined() else None
+    if isinstance(value, tf.distribute.DistributedValues):
+        components = [] if is_packed(value) else list(value.values)
+    else:
+        components = [value]  # (a not-yet-initialised Keras variable's `value` is a tensor)
+    return [component for component in components
+            if isinstance(component, tf.Variable) and component.shape.is_fully_defined()]
