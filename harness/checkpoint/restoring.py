@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from harness.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
+# RestoreV2's report of a variable whose dtype differs from the checkpoint's: a mismatch, not damage.
+_DTYPE_MISMATCH = re.compile(r"expected dtype \w+ does not equal original dtype \w+")
 RELEASE_MIN_BYTES = 1 << 20  # variables smaller than this keep their buffers during a restore: nothing to gain
 
 
@@ -87,6 +90,8 @@ class Restorer:
                     status = self._reader_for(saved).read(path)
                     status.assert_consumed()
             except READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
+                if _DTYPE_MISMATCH.search(error.message):  # readable, but saved with another dtype than the model's
+                    raise CheckpointError(self._mismatch_report(path, saved, error.message)) from None
                 skipped.append(path)
                 log.warning("checkpoint %s is corrupted (%s); trying an older one", checkpoint_name(path),
                             describe_failure(error))
@@ -160,7 +165,7 @@ def released(variables: Sequence[tf.Variable]) -> Iterator[None]:
             error.add_note(f"(and zeros could not be put back into the released variables: {refill_error!r})")
         raise
     if not_assigned := _refill(variables):
-        raise CheckpointError(f"The restore assigned no value to {len(not_assigned)} variables "
+        raise CheckpointError(f"The restore left {len(not_assigned)} variables without a value of their shape "
                               f"({', '.join(v.name for v in not_assigned[:5])}): expected it to assign every one.")
 
 
