@@ -90,7 +90,8 @@ class Restorer:
                     status = self._reader_for(saved).read(path)
                     status.assert_consumed()
             except READ_ERRORS as error:  # data file truncated, missing or corrupted (checksums)
-                if _DTYPE_MISMATCH.search(error.message):  # readable, but saved with another dtype than the model's
+                if isinstance(error, tf.errors.InvalidArgumentError) and _DTYPE_MISMATCH.search(error.message):
+                    # readable, but saved with another dtype than the model's
                     raise CheckpointError(self._mismatch_report(path, saved, error.message)) from None
                 skipped.append(path)
                 log.warning("checkpoint %s is corrupted (%s); trying an older one", checkpoint_name(path),
