@@ -323,8 +323,11 @@ class Checkpointer:
     def longest_backoff_seconds(self) -> float:
         """The most one save sleeps between its retries before it gives up: what the watchdog allows on top of its
         limits (on every worker: the others wait for the chief's save in their next collective)."""
-        return sum(min(self.retry_backoff_seconds * 2 ** failures, _MAX_BACKOFF_SECONDS)
-                   for failures in range(self.max_consecutive_failures - 1))
+        return sum(self._backoff_seconds(failures) for failures in range(1, self.max_consecutive_failures))
+
+    def _backoff_seconds(self, failures: int) -> float:
+        """The sleep after the `failures`-th failure in a row: doubling from `retry_backoff_seconds`, capped."""
+        return min(self.retry_backoff_seconds * 2 ** (failures - 1), _MAX_BACKOFF_SECONDS)
 
     def _write_failed(self, error: BaseException, *, step: int | None) -> None:
         """Count a failed write, remove what it left, then back off or give up with `StorageError`."""
@@ -338,7 +341,7 @@ class Checkpointer:
                 f"{self.consecutive_failures} times in a row (checkpoint.max_consecutive_failures), last with: "
                 f"{describe_failure(error)}. The run stops here; every earlier checkpoint is intact and the next run "
                 "resumes from the newest one. Check free space and permissions of the checkpoint directory.") from None
-        backoff = min(self.retry_backoff_seconds * 2 ** (self.consecutive_failures - 1), _MAX_BACKOFF_SECONDS)
+        backoff = self._backoff_seconds(self.consecutive_failures)
         log.warning("saving checkpoint %s-%s failed (%s); attempt %d of %d, retrying in %.1f s", CHECKPOINT_NAME, step,
                     describe_failure(error), self.consecutive_failures, self.max_consecutive_failures, backoff)
         time.sleep(backoff)

@@ -157,7 +157,7 @@ def released(variables: Sequence[tf.Variable]) -> Iterator[None]:
     try:
         with assignments_without_shape_check(variables):
             for variable in variables:
-                _replace_value(variable, tf.zeros, [0], variable.dtype)
+                _replace_value(variable, [0])
             yield
     except BaseException as error:
         try:
@@ -175,16 +175,16 @@ def _refill(variables: Sequence[tf.Variable]) -> list[tf.Variable]:
     empty = [variable for variable in variables
              if tf.raw_ops.VariableShape(input=variable.handle).numpy().tolist() != variable.shape.as_list()]
     for variable in empty:
-        _replace_value(variable, tf.zeros, variable.shape, variable.dtype)
+        _replace_value(variable, variable.shape)
     return empty
 
 
-def _replace_value(variable: tf.Variable, fill: Callable[..., tf.Tensor], shape: Sequence[int] | tf.TensorShape,
-                   dtype: tf.DType) -> None:
-    """Assign `fill(shape, dtype)`, made on the variable's device, without the shape check of `tf.Variable.assign`:
-    the value may have another shape."""
+def _replace_value(variable: tf.Variable, shape: Sequence[int] | tf.TensorShape) -> None:
+    """Zeros of `shape`, made on the variable's device, assigned without the shape check of `tf.Variable.assign`:
+    the shape may differ from the variable's."""
     with tf.device(variable.device):
-        tf.raw_ops.AssignVariableOp(resource=variable.handle, value=fill(shape, dtype), validate_shape=False)
+        tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.zeros(shape, variable.dtype),
+                                    validate_shape=False)
 
 
 def _per_device(variable: object) -> list[tf.Variable]:

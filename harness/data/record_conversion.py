@@ -35,7 +35,7 @@ from harness.host import fsync
 WRITER_OPTIONS = "group_size:1,uncompressed"
 DEFAULT_RECORDS_PER_SHARD = 100_000  # ~300 MB of 784-float records: few files to open, cheap to rewrite one
 SHARD_PATTERN = "data-?????-of-?????.array_record"
-PARTIAL_PATTERN = ".partial-?????.array_record"  # shards being written, renamed to SHARD_PATTERN once all are
+PARTIAL_PATTERN = ".partial-?????.array_record"  # shards being written (`partial_name`), renamed once all are
 _CHUNK_ROWS = 1024  # rows read from the input at a time: bounds memory whatever the input's size
 
 
@@ -54,6 +54,10 @@ class ConversionSummary:
 
 def shard_name(shard: int, num_shards: int) -> str:
     return f"data-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+def partial_name(shard: int) -> str:
+    return f".partial-{shard:05d}.array_record"
 
 
 def convert_to_array_record(source: str, output_dir: str, *, records_per_shard: int | None = None,
@@ -172,8 +176,7 @@ def _write_shards(chunks: Iterable[list[bytes]], output_dir: str, *, num_records
                 if writer is None or written_in_shard >= capacity:
                     if writer is not None:
                         writer.close()
-                    partial_name = PARTIAL_PATTERN.replace("?????", f"{len(temporary):05d}")
-                    temporary.append(os.path.join(output_dir, partial_name))
+                    temporary.append(os.path.join(output_dir, partial_name(len(temporary))))
                     writer = ArrayRecordWriter(temporary[-1], WRITER_OPTIONS)
                     written_in_shard = 0
                 writer.write(record)

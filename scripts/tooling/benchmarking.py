@@ -625,7 +625,7 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
     width, train_state = _mlp_adam_state(state_gigabytes, seed=seed)
     model = train_state.model
     state_bytes = sum(int(v.numpy().nbytes) for v in [*model.weights, *train_state.optimizer.variables])
-    directory = os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-{mode}")
+    directory = _checkpoint_dir(work_dir, state_gigabytes, mode)
     shutil.rmtree(directory, ignore_errors=True)
     checkpointer = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
                                               async_save=mode == "async", is_chief=True)
@@ -695,7 +695,7 @@ def fresh_process_restore_child(state_gigabytes: float, *, work_dir: str, seed: 
     from harness.checkpoint import checkpointer as checkpointing
 
     _, train_state = _mlp_adam_state(state_gigabytes, seed=seed)
-    directory = os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-sync")
+    directory = _checkpoint_dir(work_dir, state_gigabytes, "sync")
     files = sorted(glob.glob(os.path.join(directory, "ckpt-*.*")))
     reader = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
                                         async_save=False, is_chief=True)
@@ -708,6 +708,11 @@ def fresh_process_restore_child(state_gigabytes: float, *, work_dir: str, seed: 
         if job == "restore":
             figures["restore: peak RSS added"] = added_bytes
     return figures
+
+
+def _checkpoint_dir(work_dir: str, state_gigabytes: float, mode: str) -> str:
+    """Where `checkpoint_io_child` saves; the sync one is read again by `fresh_process_restore_child`."""
+    return os.path.join(work_dir, f"checkpoints-{state_gigabytes:g}-{mode}")
 
 
 def _mlp_adam_state(state_gigabytes: float, *, seed: int) -> tuple[int, Any]:
@@ -770,7 +775,7 @@ def measure_checkpoint_io(sizes_gigabytes: Sequence[float], *, repeats: int, wor
                 sync["figures"].setdefault("restore, fresh process: peak RSS added / state", []).append(
                     fresh["restore: peak RSS added"] / sync["state_bytes"])
         finally:
-            shutil.rmtree(os.path.join(work_dir, f"checkpoints-{size:g}-sync"), ignore_errors=True)
+            shutil.rmtree(_checkpoint_dir(work_dir, size, "sync"), ignore_errors=True)
         results.append(sync)
         results.append({"gigabytes": size, "mode": "async", **_child_result(
             f"checkpoint_io_child({size}, mode='async', repeats={repeats}, work_dir={work_dir!r})",
