@@ -1,13 +1,14 @@
-"""How checkpoints reach the disk: fsynced before they count, written once per job (the chief's).
+"""How checkpoints reach the disk: fsynced before they count, written once per job (the chief's); how a
+restore uses memory.
 
-In-process with small real states; the GB-scale figures are `scripts/benchmark.py --sections checkpoint`.
+In-process with small real states (fresh child processes where memory is measured); the GB-scale figures are
+`scripts/benchmark.py --sections checkpoint`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from harness.checkpoint.restoring import released
 from harness.checkpoint.writing import collective_read_variables
 from harness.errors import CheckpointError
 from harness.training.state import TrainState, create_train_state
-from tests.conftest import PROJECT_ROOT, subprocess_env
+from scripts.tooling.benchmarking import run_child
 
 
 def small_state() -> TrainState:
@@ -33,9 +34,10 @@ def small_state() -> TrainState:
     return create_train_state(model, keras.optimizers.Adam())
 
 
-def chief_checkpointer(directory: Path, *, max_to_keep: int, async_save: bool) -> tuple[TrainState, Checkpointer]:
-    """A small state and the chief's checkpointer of it, saving to `directory`."""
-    state = small_state()
+def chief_checkpointer(directory: Path, *, max_to_keep: int, async_save: bool,
+                       state: TrainState | None = None) -> tuple[TrainState, Checkpointer]:
+    """`state` (default: a small one) and the chief's checkpointer of it, saving to `directory`."""
+    state = state or small_state()
     return state, Checkpointer(state, directory=str(directory), max_to_keep=max_to_keep, keep_every_hours=None,
                                async_save=async_save, is_chief=True)
 
@@ -237,36 +239,33 @@ def _state_values(state: TrainState) -> dict[str, object]:
     return {variable.path: variable.numpy() for variable in [*state.model.weights, *state.optimizer.variables]}
 
 
+def state_bytes(state: TrainState) -> int:
+    """Bytes of the model's and optimizer's values (on one device)."""
+    return sum(variable.shape.num_elements() * tf.as_dtype(variable.dtype).size
+               for variable in [*state.model.weights, *state.optimizer.variables])
+
+
 def _perturb(state: TrainState) -> None:
     for variable in [*state.model.weights, *state.optimizer.variables]:
         variable.assign(variable + tf.ones_like(variable))
-
-
-def _memory_kib(field_name: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith(field_name + ":"))
 
 
 def test_a_restore_holds_one_copy_of_the_state_not_two(tmp_path: Path) -> None:
     """TensorFlow reads into new tensors; with the old values still held, the peak would be twice the state. A
     fresh process: memory that earlier tests freed (TensorFlow keeps it) would hide the second copy."""
     script = f"""
-import tensorflow as tf
-from harness.checkpoint.checkpointer import Checkpointer
-from tests.test_checkpoint_io import _memory_kib, _state_values, wide_state
-state = wide_state(width=16384)  # a 64 MB kernel and two 64 MB Adam slots
-checkpointer = Checkpointer(state, directory={str(tmp_path)!r}, max_to_keep=1, keep_every_hours=None,
-                            async_save=False, is_chief=True)
+from pathlib import Path
+from scripts.tooling.benchmarking import restore_or_read
+from tests.test_checkpoint_io import chief_checkpointer, state_bytes, wide_state
+state, checkpointer = chief_checkpointer(Path({str(tmp_path)!r}), max_to_keep=1, async_save=False,
+                                         state=wide_state(width=16384))  # a 64 MB kernel, two 64 MB Adam slots
 state.step.assign(1)
 checkpointer.save(1)
-state_bytes = sum(value.nbytes for value in _state_values(state).values())
-with open("/proc/self/clear_refs", "w") as handle:  # VmHWM starts again from the current RSS
-    handle.write("5")
-before_kib = _memory_kib("VmRSS")
-assert checkpointer.restore_latest().step == 1
-print("added", (_memory_kib("VmHWM") - before_kib) * 1024 / state_bytes)
+_, added_bytes = restore_or_read("restore", checkpointer, ())
+assert int(state.step.numpy()) == 1
+print("added", added_bytes / state_bytes(state))
 """
-    added = float(_run_child(script).split("added")[-1])
+    added = float(_python_child(script).split("added")[-1])
     assert added < 0.5, f"the restore added {added:.2f}x the state at its peak"
 
 
@@ -274,9 +273,7 @@ def test_a_restore_into_a_different_model_reports_real_shapes_and_falls_back_pas
         tmp_path: Path) -> None:
     """The released variables' shapes are back for the report; a corrupted newest checkpoint is skipped and the
     older one assigns every variable."""
-    state = wide_state()
-    checkpointer = Checkpointer(state, directory=str(tmp_path), max_to_keep=2, keep_every_hours=None,
-                                async_save=False, is_chief=True)
+    state, checkpointer = chief_checkpointer(tmp_path, max_to_keep=2, async_save=False, state=wide_state())
     state.step.assign(1)
     checkpointer.save(1)
     saved = _state_values(state)
@@ -291,9 +288,7 @@ def test_a_restore_into_a_different_model_reports_real_shapes_and_falls_back_pas
     restored = _state_values(state)
     assert all((restored[name] == value).all() for name, value in saved.items())
 
-    other = wide_state(width=1100)
-    reader = Checkpointer(other, directory=str(tmp_path), max_to_keep=2, keep_every_hours=None, async_save=False,
-                          is_chief=True)
+    other, reader = chief_checkpointer(tmp_path, max_to_keep=2, async_save=False, state=wide_state(width=1100))
     with pytest.raises(CheckpointError, match=re.escape("model/dense/kernel: checkpoint [1024, 1024] float32 vs "
                                                         "model [1024, 1100] float32")):
         reader.restore_latest()
@@ -304,14 +299,11 @@ def test_a_restore_into_a_different_model_reports_real_shapes_and_falls_back_pas
 def test_a_checkpoint_of_another_dtype_is_a_mismatch_not_damage(tmp_path: Path) -> None:
     """TensorFlow reports it as an InvalidArgumentError, like a corrupted file: it must not be skipped as unreadable
     (and the run refused for having no readable checkpoint) but reported like any other difference."""
-    state = small_state()
-    writer = Checkpointer(state, directory=str(tmp_path), max_to_keep=1, keep_every_hours=None, async_save=False,
-                          is_chief=True)
+    _, writer = chief_checkpointer(tmp_path, max_to_keep=1, async_save=False)
     writer.save(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense", dtype="float64")], name="net")
-    other = create_train_state(model, keras.optimizers.Adam())
-    reader = Checkpointer(other, directory=str(tmp_path), max_to_keep=1, keep_every_hours=None, async_save=False,
-                          is_chief=True)
+    _, reader = chief_checkpointer(tmp_path, max_to_keep=1, async_save=False,
+                                   state=create_train_state(model, keras.optimizers.Adam()))
     with pytest.raises(CheckpointError, match=r"model/dense/kernel: checkpoint \[4, 3\] float32 vs model \[4, 3\] "
                                               r"float64(.|\n)*Nothing on disk was changed"):
         reader.restore_latest()
@@ -333,22 +325,20 @@ def test_mirrored_variables_on_two_devices_are_released_and_restored(tmp_path: P
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from harness.checkpoint.checkpointer import Checkpointer
-from tests.test_checkpoint_io import _memory_kib, _perturb, _state_values, wide_state
+from pathlib import Path
+from scripts.tooling.benchmarking import restore_or_read
+from tests.test_checkpoint_io import _perturb, _state_values, chief_checkpointer, state_bytes, wide_state
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     state = wide_state(width=8192)  # per device: a 32 MB kernel and two 32 MB Adam slots
-checkpointer = Checkpointer(state, directory={str(tmp_path)!r}, max_to_keep=1, keep_every_hours=None,
-                            async_save=False, is_chief=True)
+_, checkpointer = chief_checkpointer(Path({str(tmp_path)!r}), max_to_keep=1, async_save=False, state=state)
 state.step.assign(1)
 checkpointer.save(1)
 saved = _state_values(state)
-copies_bytes = 2 * sum(value.nbytes for value in saved.values())
-with open("/proc/self/clear_refs", "w") as handle:  # (before any perturbation: its temporaries would hide a copy)
-    handle.write("5")
-before_kib = _memory_kib("VmRSS")
-assert checkpointer.restore_latest().step == 1
-print("added", (_memory_kib("VmHWM") - before_kib) * 1024 / copies_bytes)
+# Measured before any perturbation: its temporaries, kept by TensorFlow's allocator, would hide a copy.
+_, added_bytes = restore_or_read("restore", checkpointer, ())
+assert int(state.step.numpy()) == 1
+print("added", added_bytes / (2 * state_bytes(state)))
 _perturb(state)
 assert checkpointer.restore_latest().step == 1
 kernel = state.model.get_layer("dense").kernel.value
@@ -357,13 +347,10 @@ for variable in [*state.model.weights, *state.optimizer.variables]:
     for component in variable.value.values:
         assert (component.numpy() == saved[variable.path]).all(), variable.path
 """
-    added = float(_run_child(script).split("added")[-1])
+    added = float(_python_child(script).split("added")[-1])
     assert added < 0.25, f"the restore added {added:.2f}x the state's copies at its peak (0.5x: one copy)"
 
 
-def _run_child(script: str) -> str:
+def _python_child(script: str) -> str:
     """Run `script` in a fresh Python process from the project root; its stdout."""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PROJECT_ROOT,
-                            env=subprocess_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return run_child([sys.executable, "-c", script], timeout=300)[1]

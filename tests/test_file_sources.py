@@ -100,7 +100,9 @@ def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -
     bad = int(examples.train.rows[examples.train.rows >= NUM_RECORDS // 3][0])  # a train record of the 2nd shard
     victim = sorted(shards.iterdir())[1]
     content = bytearray(victim.read_bytes())
-    content[content.find(np.load(npz)["features"][bad].tobytes()) + 8] ^= 0xFF
+    offset = content.find(np.load(npz)["features"][bad].tobytes())
+    assert offset > 0
+    content[offset + 8] ^= 0xFF
     victim.write_bytes(bytes(content))
     pipeline = _pipelines(examples, num_replicas=1)
     context = tf.distribute.InputContext()
@@ -118,8 +120,9 @@ def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -
     bad_step = int(np.flatnonzero(permutation == position)[0]) // pipeline.global_batch_size
     assert bad_step >= 3 and pipeline.batches_per_read(8) == 8
     assert len(list(pipeline.train_dataset(context, start_step=bad_step - 3, num_steps=3))) == 3
-    with pytest.raises(tf.errors.OpError):
+    with pytest.raises(tf.errors.OpError) as failed:
         list(pipeline.train_dataset(context, start_step=bad_step - 3, num_steps=4))
+    assert f"Record {bad} " in str(pipeline.read_failure_behind(failed.value))
 
 
 def test_eval_shards_of_their_own_and_of_another_layout(tmp_path: Path) -> None:

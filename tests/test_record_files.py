@@ -522,7 +522,8 @@ def test_layouts_checked_at_open(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_existing_shards_are_kept_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replaced only once the new shards are on disk (fsynced under their temporary names, then the directory
-    after the renames): a power loss after the conversion said it was done cannot leave empty shards."""
+    after the old shards' removal and again after the renames): a power loss after the conversion said it was
+    done cannot leave empty shards."""
     _shards(tmp_path / "out")  # 5 shards
     fsynced: list[tuple[str, list[str]]] = []  # (path, the directory's names at that moment)
     real_fsync = os.fsync

@@ -240,10 +240,10 @@ def test_the_checkpointer_retries_then_gives_up_and_leaves_no_partial_checkpoint
         checkpointer.save(10)
         checkpointer.wait()
         back_offs: list[float] = []
+        remount(filesystem, "ro")  # (before the spy: a busy remount sleeps too)
         sleep = time.sleep
         monkeypatch.setattr(checkpointer_module.time, "sleep",
                             lambda seconds: back_offs.append(seconds) or sleep(seconds))
-        remount(filesystem, "ro")
         with pytest.raises(StorageError, match=r"failed 3 times in a row"):
             for step in (20, 30, 40, 50):
                 state.step.assign(step)

@@ -73,9 +73,11 @@ def test_a_phase_that_raises_is_not_measured() -> None:
 
 def test_every_limit_allows_for_the_save_retries_back_off() -> None:
     dog = Watchdog(WatchdogConfig(factor=10.0, min_seconds=0.5, first_call_seconds=60.0), patience_seconds=7.0)
-    assert dog.limit_seconds("save") == 60.0 + 7.0
+    assert dog.limit_seconds("save") == dog.limit_seconds("train", 50) == 60.0 + 7.0
     run_phase(dog, "save", seconds=0.01)
     assert dog.limit_seconds("save") == 0.5 + 7.0  # min_seconds beats 10 x 0.01 s
+    run_phase(dog, "train", seconds=0.01)
+    assert dog.limit_seconds("train") == 0.5 + 7.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,11 +322,11 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def _run_child(command: Sequence[str]) -> tuple[float, str]:
-    """(launch wall time, stdout) of a child that must succeed."""
+def run_child(command: Sequence[str], *, timeout: float | None = 600) -> tuple[float, str]:
+    """(launch wall time, stdout) of a child run from the project root that must succeed."""
     launched = time.time()
     completed = subprocess.run(list(command), cwd=PROJECT_ROOT, capture_output=True, text=True,
-                               env=subprocess_env(), timeout=600)
+                               env=subprocess_env(), timeout=timeout)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr[-3000:]}")
     return launched, completed.stdout
@@ -338,7 +338,7 @@ def bare_import_and_build_seconds(workload: Workload) -> float:
             "from models.mlp import build_mlp; "
             f"build_mlp(input_shape=({workload.input_dim},), num_outputs=10, hidden={list(workload.hidden)}); "
             "print(time.time())")
-    launched, stdout = _run_child([sys.executable, "-c", code])
+    launched, stdout = run_child([sys.executable, "-c", code])
     return float(stdout.strip().splitlines()[-1]) - launched
 
 
@@ -362,7 +362,7 @@ class ChildTimeline:
 
 def train_child_timeline(overrides: Sequence[str], *, run_dir: str, first_step: int) -> ChildTimeline:
     """Run `python train.py OVERRIDES` up to step `first_step` (one step per loop, logged) and time it."""
-    launched, stdout = _run_child([sys.executable, "train.py", *overrides, f"run_dir={run_dir}",
+    launched, stdout = run_child([sys.executable, "train.py", *overrides, f"run_dir={run_dir}",
                                    f"trainer.max_steps={first_step}", "trainer.log_every=1", "trainer.steps_per_loop=1",
                                    "trainer.progress=log", "export.enabled=false"])
     exited = time.time()
@@ -516,7 +516,7 @@ def measure_startup(*, work_dir: str, repeats: int, seed: int = 0) -> StartupRes
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:
                 statement = "pass" if job == "pass" else "import tensorflow"
-                launched, stdout = _run_child([sys.executable, "-c", f"import time; {statement}; print(time.time())"])
+                launched, stdout = run_child([sys.executable, "-c", f"import time; {statement}; print(time.time())"])
                 seconds[labels[job]].append(float(stdout.strip().splitlines()[-1]) - launched)
     return StartupResult(seconds, extra_imports(work_dir))
 
@@ -563,7 +563,7 @@ def hidden_width_for(state_gigabytes: float, input_dim: int = 784) -> int:
     return int((-b + math.sqrt(b * b + 4 * parameters)) / 2)
 
 
-def _memory_kib(field_name: str) -> int:
+def memory_kib(field_name: str) -> int:
     with open("/proc/self/status") as handle:
         return next(int(line.split()[1]) for line in handle if line.startswith(field_name + ":"))
 
@@ -638,7 +638,7 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
     for _ in range(8):
         reset_peak_rss()
         train_steps(3)
-        baseline_kib = max(baseline_kib, _memory_kib("VmHWM"))
+        baseline_kib = max(baseline_kib, memory_kib("VmHWM"))
     figures: dict[str, list[float]] = {}
     shuffler = random.Random(seed)
 
@@ -660,7 +660,7 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
             record("save: durable", time.perf_counter() - started)
             record("save: training blocked", blocked)
             train_steps(3)  # training goes on after the save (an async staging copy stays alive)
-            record("save: peak RSS added / state", (_memory_kib("VmHWM") - baseline_kib) * 1024 / state_bytes)
+            record("save: peak RSS added / state", (memory_kib("VmHWM") - baseline_kib) * 1024 / state_bytes)
     files = sorted(glob.glob(os.path.join(directory, "ckpt-*.*")))
     checkpoint_bytes = sum(os.path.getsize(p) for p in files)
     if mode == "sync":
@@ -678,7 +678,7 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
                     figures["cold cache by"] = [drop_page_cache(files)]  # type: ignore[list-item]
                 else:
                     _plain_read(files)
-                seconds, added_bytes = _restore_or_read(kind, reader, files)
+                seconds, added_bytes = restore_or_read(kind, reader, files)
                 record(f"{kind} ({cache})", seconds)
                 if kind == "restore":
                     record("restore: peak RSS added / state", added_bytes / state_bytes)
@@ -704,7 +704,7 @@ def fresh_process_restore_child(state_gigabytes: float, *, work_dir: str, seed: 
     figures = {}
     for job in jobs:
         drop_page_cache(files)
-        figures[job], added_bytes = _restore_or_read(job, reader, files)
+        figures[job], added_bytes = restore_or_read(job, reader, files)
         if job == "restore":
             figures["restore: peak RSS added"] = added_bytes
     return figures
@@ -726,16 +726,16 @@ def _mlp_adam_state(state_gigabytes: float, *, seed: int) -> tuple[int, Any]:
     return width, state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
 
 
-def _restore_or_read(kind: str, reader: Any, files: Sequence[str]) -> tuple[float, int]:
+def restore_or_read(kind: str, reader: Any, files: Sequence[str]) -> tuple[float, int]:
     """Seconds of `reader.restore_latest()` ("restore") or a raw read of `files`, and the peak RSS it added."""
     reset_peak_rss()
-    before_kib = _memory_kib("VmRSS")
+    before_kib = memory_kib("VmRSS")
     started = time.perf_counter()
     if kind == "restore":
         reader.restore_latest()
     else:
         _plain_read(files)
-    return time.perf_counter() - started, (_memory_kib("VmHWM") - before_kib) * 1024
+    return time.perf_counter() - started, (memory_kib("VmHWM") - before_kib) * 1024
 
 
 def _training_steps(train_state: Any) -> Callable[[int], None]:
@@ -786,9 +786,8 @@ def measure_checkpoint_io(sizes_gigabytes: Sequence[float], *, repeats: int, wor
 def _child_result(call: str, *, what: str) -> Any:
     """`call` (a function of this module) in a fresh Python process; its JSON result."""
     code = f"import json; import {__name__} as b; print('RESULT' + json.dumps(b.{call}))"
-    completed = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=subprocess_env(),
-                               capture_output=True, text=True, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"checkpoint benchmark child ({what}) failed:\n{completed.stderr[-3000:]}")
+    _, stdout = run_child([sys.executable, "-c", code], timeout=None)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT")]
+    if not lines:
+        raise RuntimeError(f"checkpoint benchmark child ({what}) printed no result:\n{stdout[-3000:]}")
     return json.loads(lines[-1][len("RESULT"):])
