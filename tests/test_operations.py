@@ -237,10 +237,12 @@ def test_watchdog_ends_a_stalled_step_with_a_stack_dump_and_its_exit_code(tmp_pa
     started = time.monotonic()
     result = train(run_dir, *data, "model._target_=tests.fault_models.build_mlp_stall_on_marker",
                    "watchdog.min_seconds=3", "watchdog.factor=5", "watchdog.first_call_seconds=120",
-                   "checkpoint.max_consecutive_failures=1", timeout=120)  # no save retries to wait for
+                   "checkpoint.max_consecutive_failures=2", "checkpoint.retry_backoff_seconds=2",
+                   timeout=120)  # one save retry: 2 s of back-off on top of every limit
     assert result.returncode == ExitCode.STALLED, result.stderr[-3000:]
     assert time.monotonic() - started < 100, "the watchdog, not the test timeout, ended it"
     assert "watchdog: train (10 steps) has run for" in result.stdout + result.stderr
+    assert "plus 2 s for save retries' back-off" in result.stdout + result.stderr  # train.py passes the allowance
     assert "Thread 0x" in result.stderr and "in _stall" in result.stderr, "all threads' stacks are dumped"
     assert latest_step(run_dir) == 30
     record = run_record(run_dir)
