@@ -40,7 +40,8 @@ def train(cfg: DictConfig):
     from harness.results import export, warm_start
     from harness.training import assembly, loop
 
-    dist = strategy.build_strategy(run.strategy)  # first: fixes devices before other TF work
+    runtime.configure_threads(intra_op=run.trainer.intra_op_threads, inter_op=run.trainer.inter_op_threads)
+    dist = strategy.build_strategy(run.strategy)  # first TF work: fixes the devices
     is_chief = strategy.is_chief(dist)
     runtime.configure_runtime(seed=run.seed, deterministic=run.deterministic,
                               mixed_precision=run.trainer.mixed_precision)

@@ -1,8 +1,9 @@
-"""Process-wide TensorFlow settings: seeds, op determinism, mixed precision.
+"""Process-wide TensorFlow settings: thread pools, seeds, op determinism, mixed precision.
 
-Owns: everything that must be set once, before models are built. With `deterministic=true` on
-CPU, the same config gives bit-identical results, including across kill-and-resume (the rest of
-that guarantee comes from `harness/training/state.py` and `harness/data/pipeline.py`).
+Owns: everything that must be set once, before models are built (thread pools: before TensorFlow starts).
+With `deterministic=true` on CPU, the same config gives bit-identical results, including across
+kill-and-resume (the rest of that guarantee comes from `harness/training/state.py` and
+`harness/data/pipeline.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 
+def configure_threads(*, intra_op: int, inter_op: int) -> None:
+    """Size TensorFlow's thread pools (0 keeps TensorFlow's default, one thread per core). Call before anything
+    starts TensorFlow's runtime (devices, strategies, ops): the pools are fixed from then on."""
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
 def configure_runtime(*, seed: int, deterministic: bool, mixed_precision: str | None) -> None:
     """Seed Python, NumPy, TF and Keras; optionally make ops deterministic; set the dtype policy."""
     logging.getLogger("absl").setLevel(logging.WARNING)  # TF's per-save INFO chatter
@@ -22,4 +32,7 @@ def configure_runtime(*, seed: int, deterministic: bool, mixed_precision: str | 
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(mixed_precision or "float32")
-    log.info("runtime: seed=%d deterministic=%s precision=%s", seed, deterministic, mixed_precision or "float32")
+    threads = [tf.config.threading.get_intra_op_parallelism_threads(),
+               tf.config.threading.get_inter_op_parallelism_threads()]
+    log.info("runtime: seed=%d deterministic=%s precision=%s threads: intra-op %s, inter-op %s", seed, deterministic,
+             mixed_precision or "float32", *(count or "default" for count in threads))

@@ -11,6 +11,8 @@ resume.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import train
 from harness.config.schema import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
 from harness.data.file_sources import array_record, text_file, tokens
 from harness.data.in_memory_sources import load_examples
-from harness.data.pipeline import SeekableInput
+from harness.data.pipeline import SeekableInput, build_input
 from harness.data.record_conversion import write_array_shards
 from harness.errors import DataError
 from scripts.tooling.chaos import compare_checkpoints
@@ -89,6 +91,23 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
         for batch in pipeline.eval_dataset(context):
             seen.extend(map(tuple, batch.features.numpy()[batch.weights.numpy() > 0]))
     assert sorted(seen) == sorted(map(tuple, in_memory.eval_features))
+
+
+def test_file_backed_input_on_a_cpu_only_host_is_advised_to_leave_a_core_to_its_reads(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the step's ops may take every core (TensorFlow's default pools, no accelerator), the reads compete
+    with them: `build_input` says which setting leaves a core to the input; never for data held in memory."""
+    npz, shards = _data_set(tmp_path)
+    files, in_memory = ArrayRecordDataConfig(path=str(shards / "*")), NpzDataConfig(path=str(npz))
+    advice = f"trainer.intra_op_threads={len(os.sched_getaffinity(0)) - 1}` leaves a core to the input"
+    advised = (len(os.sched_getaffinity(0)) > 1 and not tf.config.threading.get_intra_op_parallelism_threads()
+               and not tf.config.list_physical_devices("GPU"))
+    with caplog.at_level(logging.INFO, logger="harness.data.pipeline"):
+        build_input(array_record(files), files, seed=0, num_replicas=1)
+        assert (advice in caplog.text) == advised
+        caplog.clear()
+        build_input(load_examples(in_memory), in_memory, seed=0, num_replicas=1)
+        assert "leaves a core" not in caplog.text
 
 
 def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -> None:
@@ -237,9 +256,12 @@ def test_array_record_run_resumes_bit_exactly_and_equals_the_in_memory_run(
         tmp_path: Path, data_set: tuple[Path, Path], in_memory_run: Path) -> None:
     run_dir, overrides = tmp_path / "run", _shards_overrides(data_set[1])
     sigkill_after_checkpoint(train_command(run_dir, *overrides, tiny=False), 10, env=subprocess_env())
-    resumed = run_train(run_dir, *overrides, tiny=False)
+    # Resumed with TensorFlow's thread pools resized (the advice for CPU-only hosts): how it trains, not what.
+    resumed = run_train(run_dir, *overrides, "trainer.intra_op_threads=1", "trainer.inter_op_threads=1", tiny=False)
     assert_ok(resumed)
-    assert re.search(r"resuming from checkpoint \S+ at step [1-3]0", resumed.stdout + resumed.stderr)
+    log_text = resumed.stdout + resumed.stderr
+    assert re.search(r"resuming from checkpoint \S+ at step [1-3]0", log_text)
+    assert "threads: intra-op 1, inter-op 1" in log_text  # TensorFlow's own view of its pools
     assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-40", in_memory_run / "checkpoints" / "ckpt-40") == []
 
     # Shards that gained records since the checkpoint: refused like any change of what is trained.

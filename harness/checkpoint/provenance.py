@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 FREE_TO_CHANGE = (
     "experiment", "run_dir", "deterministic",
     "trainer.max_steps", "trainer.steps_per_loop", "trainer.log_every", "trainer.eval_every", "trainer.progress",
-    "trainer.jit_compile", "trainer.loss_upper_bound", "trainer.max_rollbacks", "trainer.rollback_skip_batches",
-    "trainer.max_crash_restarts",
+    "trainer.jit_compile", "trainer.intra_op_threads", "trainer.inter_op_threads", "trainer.loss_upper_bound",
+    "trainer.max_rollbacks", "trainer.rollback_skip_batches", "trainer.max_crash_restarts",
     "data.prefetch", "data.eval_batch_size",
     "checkpoint.*", "preemption.*", "export.*", "lease.*", "watchdog.*", "resume.*", "strategy.*",
     "init_from", "init_from_skip", "init_from_name_map",  # warm start applies to fresh runs only

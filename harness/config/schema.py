@@ -267,6 +267,10 @@ class TrainerConfig:
     progress: str = "auto"  # auto (bar on a TTY, log lines otherwise) | bar | log | none
     jit_compile: bool = False  # XLA-compile the training loop
     mixed_precision: str | None = None  # None | mixed_float16 | mixed_bfloat16
+    # TensorFlow's thread pools; 0 = TensorFlow's default (one thread per core). On a CPU-only host with file-backed
+    # data the step and the input share the cores: intra_op_threads = cores - 1 leaves one to the input.
+    intra_op_threads: int = 0  # threads that one op (a matmul) splits its work over
+    inter_op_threads: int = 0  # threads that run independent ops at once
     # Divergence rollback (harness/training/divergence.py): a step whose loss is NaN/Inf or above the bound
     # restores an earlier checkpoint and skips the batches before it, at most max_rollbacks times.
     loss_upper_bound: float | None = None  # a step loss above this counts as divergence; None = NaN/Inf only
@@ -286,6 +290,9 @@ class TrainerConfig:
                  "one of auto, bar, log, none")
         _require(self.mixed_precision in (None, "mixed_float16", "mixed_bfloat16"), "trainer.mixed_precision",
                  self.mixed_precision, "null, mixed_float16 or mixed_bfloat16")
+        for key in ("intra_op_threads", "inter_op_threads"):
+            _require(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key),
+                     "0 (TensorFlow's default: one thread per core) or a positive number of threads")
         _require(self.loss_upper_bound is None or self.loss_upper_bound > 0, "trainer.loss_upper_bound",
                  self.loss_upper_bound, "null or a positive loss")
         _require(0 <= self.max_rollbacks <= 64, "trainer.max_rollbacks", self.max_rollbacks,
