@@ -13,16 +13,23 @@ import logging
 import keras
 import tensorflow as tf
 
+from harness.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 def configure_threads(*, intra_op: int, inter_op: int) -> None:
     """Size TensorFlow's thread pools (0 keeps TensorFlow's default, one thread per core). Call before anything
     starts TensorFlow's runtime (devices, strategies, ops): the pools are fixed from then on."""
-    if intra_op:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    if inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    for key, count, setter in (("intra_op_threads", intra_op, tf.config.threading.set_intra_op_parallelism_threads),
+                               ("inter_op_threads", inter_op, tf.config.threading.set_inter_op_parallelism_threads)):
+        try:
+            if count:
+                setter(count)
+        except RuntimeError:  # this process ran TensorFlow already (train.train called in-process, e.g. a notebook)
+            raise ConfigError(f"Config key 'trainer.{key}' = {count} cannot take effect: TensorFlow has already "
+                              "started in this process, and its thread pools are fixed when it starts. Expected "
+                              "it set in a fresh process (python train.py ...), or 0 (TensorFlow's default).") from None
 
 
 def configure_runtime(*, seed: int, deterministic: bool, mixed_precision: str | None) -> None:

@@ -156,3 +156,24 @@ def test_mixed_float16_wraps_the_optimizer_and_checkpoints_the_loss_scale() -> N
             assert ({"dynamic_scale", "step_counter"} <= set(tree)) == scaled, sorted(tree)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def test_thread_pools_take_effect_only_in_a_process_that_has_not_started_tensorflow() -> None:
+    """TensorFlow fixes its pools when it starts: where it has (train.train called in-process, as here), a thread
+    count is refused as a config error naming the key, not TensorFlow's RuntimeError; 0 (its default) always
+    passes. A negative count is refused with the config. (train.py sets them for real: tests/test_file_sources.py.)"""
+    import tensorflow as tf
+
+    from harness import runtime
+    from harness.config.run_config import to_typed_config
+    from harness.errors import ConfigError
+    from tests.conftest import compose
+
+    _ = tf.constant(1.0) + 1  # TensorFlow has started in this process
+    runtime.configure_threads(intra_op=0, inter_op=0)
+    for key in ("intra_op", "inter_op"):
+        counts = {"intra_op": 0, "inter_op": 0, key: 64}
+        with pytest.raises(ConfigError, match=rf"'trainer.{key}_threads' = 64 cannot take effect.*fresh process"):
+            runtime.configure_threads(**counts)
+    with pytest.raises(ConfigError, match=r"'trainer.inter_op_threads' = -1 is invalid"):
+        to_typed_config(compose("trainer.inter_op_threads=-1"))
