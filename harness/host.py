@@ -7,6 +7,13 @@ from __future__ import annotations
 import os
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity on Linux; every core elsewhere)."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this pid runs on this machine."""
     try:

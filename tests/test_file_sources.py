@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import tensorflow as tf
 
 import train
 from harness.config.schema import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
+from harness.data import pipeline as pipeline_module
 from harness.data.file_sources import array_record, text_file, tokens
 from harness.data.in_memory_sources import load_examples
 from harness.data.pipeline import SeekableInput, build_input
@@ -94,20 +94,26 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
 
 
 def test_file_backed_input_on_a_cpu_only_host_is_advised_to_leave_a_core_to_its_reads(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Where the step's ops may take every core (TensorFlow's default pools, no accelerator), the reads compete
-    with them: `build_input` says which setting leaves a core to the input; never for data held in memory."""
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the step's ops may take every core (TensorFlow's default pools, no accelerator, several cores), the
+    reads compete with them: `build_input` says which setting leaves a core to the input. Not with accelerators,
+    on one core, or for data held in memory. (The host is described to the pipeline; the pipeline is real.)"""
+    assert not tf.config.threading.get_intra_op_parallelism_threads()  # this process runs TensorFlow's defaults
     npz, shards = _data_set(tmp_path)
     files, in_memory = ArrayRecordDataConfig(path=str(shards / "*")), NpzDataConfig(path=str(npz))
-    advice = f"trainer.intra_op_threads={len(os.sched_getaffinity(0)) - 1}` leaves a core to the input"
-    advised = (len(os.sched_getaffinity(0)) > 1 and not tf.config.threading.get_intra_op_parallelism_threads()
-               and not tf.config.list_physical_devices("GPU"))
-    with caplog.at_level(logging.INFO, logger="harness.data.pipeline"):
-        build_input(array_record(files), files, seed=0, num_replicas=1)
-        assert (advice in caplog.text) == advised
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    advice = "`trainer.intra_op_threads=3` leaves a core to the input"
+    for cores, accelerators, examples, config, advised in ((4, False, array_record(files), files, True),
+                                                           (4, True, array_record(files), files, False),
+                                                           (1, False, array_record(files), files, False),
+                                                           (4, False, load_examples(in_memory), in_memory, False)):
+        monkeypatch.setattr(pipeline_module, "usable_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(pipeline_module, "has_accelerators", lambda accelerators=accelerators: accelerators)
         caplog.clear()
-        build_input(load_examples(in_memory), in_memory, seed=0, num_replicas=1)
-        assert "leaves a core" not in caplog.text
+        with caplog.at_level(logging.INFO, logger="harness.data.pipeline"):
+            build_input(examples, config, seed=0, num_replicas=1)
+        assert (advice in caplog.text) == advised, (cores, accelerators, config)
+        assert advised or "leaves a core" not in caplog.text
 
 
 def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -> None:
@@ -261,7 +267,7 @@ def test_array_record_run_resumes_bit_exactly_and_equals_the_in_memory_run(
     assert_ok(resumed)
     log_text = resumed.stdout + resumed.stderr
     assert re.search(r"resuming from checkpoint \S+ at step [1-3]0", log_text)
-    assert "threads: intra-op 1, inter-op 1" in log_text  # TensorFlow's own view of its pools
+    assert "threads: intra-op 1, inter-op 1" in log_text  # read back from TensorFlow's config
     assert compare_checkpoints(run_dir / "checkpoints" / "ckpt-40", in_memory_run / "checkpoints" / "ckpt-40") == []
 
     # Shards that gained records since the checkpoint: refused like any change of what is trained.

@@ -35,6 +35,7 @@ from harness.data.file_sources import FileExamples, Split
 from harness.data.in_memory_sources import ExampleArrays
 from harness.data.record_files import has_accelerators
 from harness.errors import ConfigError, DataError
+from harness.host import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +303,13 @@ def build_input(examples: ExampleArrays | FileExamples, config: DataConfig, *, s
 
 
 def _advise_a_core_for_the_input() -> None:
-    """Say so where file reads compete with the step for every core: a CPU-only host whose ops may use them all."""
-    cores = len(os.sched_getaffinity(0))
-    if cores > 1 and not tf.config.threading.get_intra_op_parallelism_threads() and not has_accelerators():
-        log.info("file-backed input on a CPU-only host: the training step's ops may use all %d cores, and the reads "
-                 "compete with them for CPU. `trainer.intra_op_threads=%d` leaves a core to the input (the "
-                 "benchmark's MLP on 2 cores: +24-31 %% steps/s; docs/benchmarks.md, section 6).", cores, cores - 1)
+    """Say so where file reads compete with the step for every core: a CPU-only host whose ops may use them all
+    (TensorFlow's default intra-op pool, set neither by `trainer.intra_op_threads` nor by its environment variable)."""
+    cores = usable_cores()
+    default_pool = not tf.config.threading.get_intra_op_parallelism_threads() and not os.environ.get(
+        "TF_NUM_INTRAOP_THREADS")
+    if cores > 1 and default_pool and not has_accelerators():
+        log.info("file-backed input on a CPU-only host: the training step's ops may use all %d cores of this process, "
+                 "and the reads compete with them for CPU. `trainer.intra_op_threads=%d` leaves a core to the input "
+                 "(the benchmark's MLP on 2 cores: +20-31 %% steps/s; docs/benchmarks.md, section 6).", cores,
+                 cores - 1)

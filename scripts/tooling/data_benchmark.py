@@ -46,6 +46,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, PROJECT_ROOT)
 
+from harness.host import usable_cores  # noqa: E402  (after the path: run as a script)
+
 FEATURE_SIZE = 784  # the docs/benchmarks.md MLP workload: 784-256-256-10, Adam 1e-3, batch 256
 NUM_CLASSES = 10
 GLOBAL_BATCH_SIZE = 256
@@ -384,7 +386,9 @@ def run_data_section(args: argparse.Namespace) -> list[str]:
     workdir = getattr(args, "workdir", None) or "/work/bench-data"
     intra_op_threads = getattr(args, "intra_op_threads", None)
     if intra_op_threads is None:  # default: a core left to the input
-        intra_op_threads = len(os.sched_getaffinity(0)) - 1
+        intra_op_threads = usable_cores() - 1
+    if intra_op_threads < 0:
+        raise SystemExit(f"--intra-op-threads {intra_op_threads}: expected 0 (no such peers) or a positive count")
     ensure_time_binary()
     os.makedirs(workdir, exist_ok=True)  # machine_lines asks df about it
     lines = ["## Data bigger than memory (issue 12)", "", *machine_lines(workdir)]
