@@ -48,6 +48,7 @@ def train(cfg: DictConfig):
     task_data = assembly.load_task_data(run)  # the task checks the targets
     task, examples = task_data.task, task_data.examples
     inputs = pipeline.build_input(examples, run.data, seed=run.seed, num_replicas=dist.num_replicas_in_sync)
+    runtime.advise_a_core_for_the_input(file_backed=inputs.from_files)
 
     if run.export.enabled and is_chief:
         export.check_export_dir(run.export.dir)  # not hours of training first

@@ -1,6 +1,7 @@
-"""This host's processes and local disks, as several packages need them: whether a process runs (the
-lease, checkpoint clean-up), and making a written file or a directory's entries durable (checkpoints,
-converted data shards)."""
+"""This host's processes, cores and local disks, as several packages need them: whether a process runs (the
+lease, checkpoint clean-up), the cores and accelerators the training step and the input share (file reads,
+thread pools), and making a written file or a directory's entries durable (checkpoints, converted data
+shards)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def has_accelerators() -> bool:
+    """Whether this host has GPUs or TPUs, i.e. whether the training step leaves its CPU cores to the input.
+    Asks for physical devices only: the runtime's devices can still be configured afterwards."""
+    import tensorflow as tf  # here: the lease and the converter use this module without TensorFlow's runtime
+
+    return any(tf.config.list_physical_devices(kind) for kind in ("GPU", "TPU"))
 
 
 def process_alive(pid: int) -> bool:

@@ -9,11 +9,13 @@ kill-and-resume (the rest of that guarantee comes from `harness/training/state.p
 from __future__ import annotations
 
 import logging
+import os
 
 import keras
 import tensorflow as tf
 
 from harness.errors import ConfigError
+from harness.host import has_accelerators, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,24 @@ def configure_threads(*, intra_op: int, inter_op: int) -> None:
             raise ConfigError(f"Config key 'trainer.{key}' = {count} cannot take effect: TensorFlow has already "
                               "started in this process, and its thread pools are fixed when it starts. Expected "
                               "it set in a fresh process (python train.py ...), or 0 (TensorFlow's default).") from None
+
+
+def advise_a_core_for_the_input(*, file_backed: bool, cores: int | None = None,
+                                accelerators: bool | None = None) -> str | None:
+    """Log (and return) which setting leaves a core to file reads where they compete with the step for every core:
+    file-backed data on a host of several `cores` without `accelerators` (default: this host's), with TensorFlow's
+    default intra-op pool (set neither by `trainer.intra_op_threads` nor by its environment variable)."""
+    if not file_backed or tf.config.threading.get_intra_op_parallelism_threads() or os.environ.get(
+            "TF_NUM_INTRAOP_THREADS"):
+        return None
+    cores = usable_cores() if cores is None else cores
+    if cores < 2 or (has_accelerators() if accelerators is None else accelerators):
+        return None
+    advice = (f"file-backed input on a CPU-only host: the training step's ops may use all {cores} cores of this "
+              f"process, and the reads compete with them for CPU. `trainer.intra_op_threads={cores - 1}` leaves a "
+              "core to the input (the benchmark's MLP on 2 cores: +20-31 % steps/s; docs/benchmarks.md, section 6).")
+    log.info(advice)
+    return advice
 
 
 def configure_runtime(*, seed: int, deterministic: bool, mixed_precision: str | None) -> None:

@@ -239,12 +239,6 @@ def _state_values(state: TrainState) -> dict[str, object]:
     return {variable.path: variable.numpy() for variable in [*state.model.weights, *state.optimizer.variables]}
 
 
-def state_bytes(state: TrainState) -> int:
-    """Bytes of the model's and optimizer's values (on one device)."""
-    return sum(variable.shape.num_elements() * tf.as_dtype(variable.dtype).size
-               for variable in [*state.model.weights, *state.optimizer.variables])
-
-
 def _perturb(state: TrainState) -> None:
     for variable in [*state.model.weights, *state.optimizer.variables]:
         variable.assign(variable + tf.ones_like(variable))
@@ -255,15 +249,15 @@ def test_a_restore_holds_one_copy_of_the_state_not_two(tmp_path: Path) -> None:
     fresh process: memory that earlier tests freed (TensorFlow keeps it) would hide the second copy."""
     script = f"""
 from pathlib import Path
-from scripts.tooling.benchmarking import restore_or_read
-from tests.test_checkpoint_io import chief_checkpointer, state_bytes, wide_state
+from scripts.tooling.benchmarking import restore_or_read, state_size_bytes
+from tests.test_checkpoint_io import chief_checkpointer, wide_state
 state, checkpointer = chief_checkpointer(Path({str(tmp_path)!r}), max_to_keep=1, async_save=False,
                                          state=wide_state(width=16384))  # a 64 MB kernel, two 64 MB Adam slots
 state.step.assign(1)
 checkpointer.save(1)
 _, added_bytes = restore_or_read("restore", checkpointer, ())
 assert int(state.step.numpy()) == 1
-print("added", added_bytes / state_bytes(state))
+print("added", added_bytes / state_size_bytes(state))
 """
     added = float(_python_child(script).split("added")[-1])
     assert added < 0.5, f"the restore added {added:.2f}x the state at its peak"
@@ -326,8 +320,8 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from pathlib import Path
-from scripts.tooling.benchmarking import restore_or_read
-from tests.test_checkpoint_io import _perturb, _state_values, chief_checkpointer, state_bytes, wide_state
+from scripts.tooling.benchmarking import restore_or_read, state_size_bytes
+from tests.test_checkpoint_io import _perturb, _state_values, chief_checkpointer, wide_state
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     state = wide_state(width=8192)  # per device: a 32 MB kernel and two 32 MB Adam slots
@@ -338,7 +332,7 @@ saved = _state_values(state)
 # Measured before any perturbation: its temporaries, kept by TensorFlow's allocator, would hide a copy.
 _, added_bytes = restore_or_read("restore", checkpointer, ())
 assert int(state.step.numpy()) == 1
-print("added", added_bytes / (2 * state_bytes(state)))
+print("added", added_bytes / (2 * state_size_bytes(state)))
 _perturb(state)
 assert checkpointer.restore_latest().step == 1
 kernel = state.model.get_layer("dense").kernel.value

@@ -11,7 +11,6 @@ resume.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from pathlib import Path
@@ -22,12 +21,12 @@ import tensorflow as tf
 
 import train
 from harness.config.schema import ArrayRecordDataConfig, NpzDataConfig, TextDataConfig, TokensDataConfig
-from harness.data import pipeline as pipeline_module
 from harness.data.file_sources import array_record, text_file, tokens
 from harness.data.in_memory_sources import load_examples
-from harness.data.pipeline import SeekableInput, build_input
+from harness.data.pipeline import SeekableInput
 from harness.data.record_conversion import write_array_shards
 from harness.errors import DataError
+from harness.host import has_accelerators, usable_cores
 from scripts.tooling.chaos import compare_checkpoints
 from tests.background import BackgroundRun, sigkill_after_checkpoint
 from tests.conftest import (
@@ -91,29 +90,6 @@ def test_file_backed_batches_are_the_in_memory_batches_for_any_number_of_workers
         for batch in pipeline.eval_dataset(context):
             seen.extend(map(tuple, batch.features.numpy()[batch.weights.numpy() > 0]))
     assert sorted(seen) == sorted(map(tuple, in_memory.eval_features))
-
-
-def test_file_backed_input_on_a_cpu_only_host_is_advised_to_leave_a_core_to_its_reads(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the step's ops may take every core (TensorFlow's default pools, no accelerator, several cores), the
-    reads compete with them: `build_input` says which setting leaves a core to the input. Not with accelerators,
-    on one core, or for data held in memory. (The host is described to the pipeline; the pipeline is real.)"""
-    assert not tf.config.threading.get_intra_op_parallelism_threads()  # this process runs TensorFlow's defaults
-    npz, shards = _data_set(tmp_path)
-    files, in_memory = ArrayRecordDataConfig(path=str(shards / "*")), NpzDataConfig(path=str(npz))
-    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
-    advice = "`trainer.intra_op_threads=3` leaves a core to the input"
-    for cores, accelerators, examples, config, advised in ((4, False, array_record(files), files, True),
-                                                           (4, True, array_record(files), files, False),
-                                                           (1, False, array_record(files), files, False),
-                                                           (4, False, load_examples(in_memory), in_memory, False)):
-        monkeypatch.setattr(pipeline_module, "usable_cores", lambda cores=cores: cores)
-        monkeypatch.setattr(pipeline_module, "has_accelerators", lambda accelerators=accelerators: accelerators)
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="harness.data.pipeline"):
-            build_input(examples, config, seed=0, num_replicas=1)
-        assert (advice in caplog.text) == advised, (cores, accelerators, config)
-        assert advised or "leaves a core" not in caplog.text
 
 
 def test_a_bad_record_is_reported_only_for_the_error_it_caused(tmp_path: Path) -> None:
@@ -298,6 +274,9 @@ def test_a_run_saved_by_two_workers_resumes_on_one_with_the_same_batches(
     resumed = run_train(run_dir, *overrides, "model.dropout=0.0", tiny=False)
     assert_ok(resumed)
     assert "at step 20" in resumed.stdout + resumed.stderr
+    # File-backed with TensorFlow's default pools: train.py advises a core for the reads where cores compete.
+    advised = usable_cores() > 1 and not has_accelerators()
+    assert ("leaves a core to the input" in resumed.stdout + resumed.stderr) == advised
     one_device = tmp_path / "one_device"
     assert_ok(run_train(one_device, *overrides, "model.dropout=0.0", tiny=False))
     ours, theirs = (checkpoint_values(run / "checkpoints" / "ckpt-40") for run in (run_dir, one_device))

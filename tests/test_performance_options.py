@@ -177,3 +177,28 @@ def test_thread_pools_take_effect_only_in_a_process_that_has_not_started_tensorf
             runtime.configure_threads(**counts)
     with pytest.raises(ConfigError, match=r"'trainer.inter_op_threads' = -1 is invalid"):
         to_typed_config(compose("trainer.inter_op_threads=-1"))
+
+
+def test_file_backed_input_on_a_cpu_only_host_is_advised_to_leave_a_core_to_its_reads(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the step's ops may take every core (TensorFlow's default pools, no accelerator, several cores), file
+    reads compete with them: the advice names the setting that leaves a core to the input. Not for data held in
+    memory, on one core, with accelerators, or with the pool already sized. (train.py's call: test_file_sources.)"""
+    import logging
+
+    import tensorflow as tf
+
+    from harness import runtime
+
+    assert not tf.config.threading.get_intra_op_parallelism_threads()  # this process runs TensorFlow's defaults
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    with caplog.at_level(logging.INFO, logger="harness.runtime"):
+        advice = runtime.advise_a_core_for_the_input(file_backed=True, cores=4, accelerators=False)
+    assert advice is not None and "`trainer.intra_op_threads=3` leaves a core to the input" in advice
+    assert advice in caplog.text
+    for host in ({"file_backed": False, "cores": 4, "accelerators": False},
+                 {"file_backed": True, "cores": 1, "accelerators": False},
+                 {"file_backed": True, "cores": 4, "accelerators": True}):
+        assert runtime.advise_a_core_for_the_input(**host) is None, host
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+    assert runtime.advise_a_core_for_the_input(file_backed=True, cores=4, accelerators=False) is None

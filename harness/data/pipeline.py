@@ -22,9 +22,7 @@ memory (`ExampleArrays`, gathered inside the graph) or read from files by index 
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -33,11 +31,7 @@ import tensorflow as tf
 from harness.config.schema import DataConfig
 from harness.data.file_sources import FileExamples, Split
 from harness.data.in_memory_sources import ExampleArrays
-from harness.data.record_files import has_accelerators
 from harness.errors import ConfigError, DataError
-from harness.host import usable_cores
-
-log = logging.getLogger(__name__)
 
 FILE_PREFETCH = 4  # batches read ahead from files: covers the jitter of page-cache misses
 # Train batches read from files per host call: up to this many, and this many bytes. The call's fixed costs
@@ -289,7 +283,7 @@ def _count(examples: ExampleArrays | FileExamples, split: str) -> int:
 def build_input(examples: ExampleArrays | FileExamples, config: DataConfig, *, seed: int,
                 num_replicas: int) -> SeekableInput:
     """The pipeline for `data.*` settings; the shuffle follows the run's `seed` unless set."""
-    pipeline = SeekableInput(
+    return SeekableInput(
         examples,
         global_batch_size=config.global_batch_size,
         eval_batch_size=config.eval_batch_size or config.global_batch_size,
@@ -297,19 +291,3 @@ def build_input(examples: ExampleArrays | FileExamples, config: DataConfig, *, s
         prefetch=config.prefetch,
         num_replicas=num_replicas,
     )
-    if pipeline.from_files:
-        _advise_a_core_for_the_input()
-    return pipeline
-
-
-def _advise_a_core_for_the_input() -> None:
-    """Say so where file reads compete with the step for every core: a CPU-only host whose ops may use them all
-    (TensorFlow's default intra-op pool, set neither by `trainer.intra_op_threads` nor by its environment variable)."""
-    cores = usable_cores()
-    default_pool = not tf.config.threading.get_intra_op_parallelism_threads() and not os.environ.get(
-        "TF_NUM_INTRAOP_THREADS")
-    if cores > 1 and default_pool and not has_accelerators():
-        log.info("file-backed input on a CPU-only host: the training step's ops may use all %d cores of this process, "
-                 "and the reads compete with them for CPU. `trainer.intra_op_threads=%d` leaves a core to the input "
-                 "(the benchmark's MLP on 2 cores: +20-31 %% steps/s; docs/benchmarks.md, section 6).", cores,
-                 cores - 1)

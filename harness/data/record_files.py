@@ -37,6 +37,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from harness.data.page_cache import PageCacheProbe
 from harness.errors import DataError, error_summary
+from harness.host import has_accelerators
 
 # Random access: no readahead around a record, no sequential read-ahead on a thread pool (batched reads use
 # array-record's own pool whatever these say).
@@ -574,12 +575,6 @@ def open_tfrecords(pattern: str, *, source: str, expected: str) -> tuple[list[st
     if not first:
         raise DataError(f"{source}: the files hold no records. Expected {expected}.")
     return files, records, first[0]
-
-
-def has_accelerators() -> bool:
-    """Whether this host has GPUs or TPUs, i.e. whether the training step leaves its CPU cores to the input.
-    Asks for physical devices only: the runtime's devices can still be configured afterwards."""
-    return any(tf.config.list_physical_devices(kind) for kind in ("GPU", "TPU"))
 
 
 def _one_record_per_chunk(reader: ArrayRecordReader) -> bool:

@@ -623,8 +623,7 @@ def checkpoint_io_child(state_gigabytes: float, *, mode: str, repeats: int, work
     from harness.checkpoint import checkpointer as checkpointing
 
     width, train_state = _mlp_adam_state(state_gigabytes, seed=seed)
-    model = train_state.model
-    state_bytes = sum(int(v.numpy().nbytes) for v in [*model.weights, *train_state.optimizer.variables])
+    state_bytes = state_size_bytes(train_state)
     directory = _checkpoint_dir(work_dir, state_gigabytes, mode)
     shutil.rmtree(directory, ignore_errors=True)
     checkpointer = checkpointing.Checkpointer(train_state, directory=directory, max_to_keep=1, keep_every_hours=None,
@@ -724,6 +723,14 @@ def _mlp_adam_state(state_gigabytes: float, *, seed: int) -> tuple[int, Any]:
     run = run_config.to_typed_config(compose(["model=mlp", f"model.hidden=[{width},{width}]", "optimizer=adam"]))
     model = modeling.build_model(run.model, input_shape=(784,), num_outputs=10, seed=seed)
     return width, state.create_train_state(model, optimization.build_optimizer(run.optimizer, max_steps=10))
+
+
+def state_size_bytes(train_state: Any) -> int:
+    """Bytes of the model's and optimizer's values (one device's), from their shapes: nothing is copied."""
+    import tensorflow as tf
+
+    return sum(variable.shape.num_elements() * tf.as_dtype(variable.dtype).size
+               for variable in [*train_state.model.weights, *train_state.optimizer.variables])
 
 
 def restore_or_read(kind: str, reader: Any, files: Sequence[str]) -> tuple[float, int]:
